@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
 # --- Distributed ---
 def setup_distributed():
     """Init the process group when launched by torchrun (nccl on CUDA, gloo on CPU), else run alone.
@@ -35,35 +34,28 @@ def setup_distributed():
         torch.backends.cudnn.benchmark = True
     return rank, world, device
 
-
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
 
-
 def get_rank():
     return dist.get_rank() if dist.is_initialized() else 0
-
 
 def get_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
-
 def is_main():
     return get_rank() == 0
-
 
 def print0(*args, **kwargs):
     if is_main():
         print(*args, **kwargs, flush=True)
-
 
 def all_reduce_sum(x):
     """In-place SUM over processes (identity when alone); returns x."""
     if get_world_size() > 1:
         dist.all_reduce(x)
     return x
-
 
 @torch.no_grad()
 def concat_all_gather(x):
@@ -73,7 +65,6 @@ def concat_all_gather(x):
     out = [torch.empty_like(x) for _ in range(get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
-
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
@@ -89,12 +80,10 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
-
 def all_gather_with_grad(x):
     """(B, ...) -> (world*B, ...) in rank order; gradients flow back to the owning process. With DDP's
     gradient averaging this gives exactly the gradient of the mean of the per-process losses."""
     return x if get_world_size() == 1 else _GatherWithGrad.apply(x)
-
 
 def gather_objects(obj):
     """Any picklable object from every process, as a list indexed by rank (per-rank RNG states, queues)."""
@@ -104,12 +93,10 @@ def gather_objects(obj):
     dist.all_gather_object(out, obj)
     return out
 
-
 def unwrap(model):
     """The plain module behind DDP and torch.compile."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
 
 # --- Momentum (EMA) model ---
 def momentum_copy(model):
@@ -118,7 +105,6 @@ def momentum_copy(model):
     for p in m.parameters():
         p.requires_grad_(False)
     return m
-
 
 @torch.no_grad()
 def ema_update_(ema, model, momentum):
@@ -129,7 +115,6 @@ def ema_update_(ema, model, momentum):
     assert len(ema_params) == len(params), "momentum model and model differ in structure"
     torch._foreach_lerp_(ema_params, params, 1.0 - momentum)
 
-
 # --- Schedules ---
 def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     """Per-iteration values: linear warmup from warmup_start to base, then a half cosine to final."""
@@ -137,13 +122,11 @@ def cosine_schedule(base, final, total_steps, warmup_steps=0, warmup_start=0.0):
     t = np.arange(total_steps - warmup_steps) / max(1, total_steps - warmup_steps - 1)
     return np.concatenate([warmup, final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))])
 
-
 # --- Seeding and data order ---
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
 
 @contextlib.contextmanager
 def seeded(seed):
@@ -157,7 +140,6 @@ def seeded(seed):
             yield
         finally:
             random.setstate(state)
-
 
 class ResumableSampler(torch.utils.data.Sampler):
     """Shuffled by (seed, epoch); each global batch is split into contiguous per-rank slices, so the
@@ -191,17 +173,14 @@ class ResumableSampler(torch.utils.data.Sampler):
             for i in order[lo:lo + self.batch_size].tolist():
                 yield i, (self.seed * 1000003 + self.epoch) * 1000003 + i
 
-
 # --- Mixed precision ---
 def autocast(device, amp):
     """bf16/fp16 autocast on the device, or a no-op for amp='none'."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-
 def default_amp(device):
     return "bf16" if device.type == "cuda" else "none"
-
 
 # --- Outputs ---
 def log_jsonl(output_dir, record):
@@ -210,19 +189,16 @@ def log_jsonl(output_dir, record):
         with open(os.path.join(output_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
 
-
 def save_json(path, obj):
     if is_main():
         with open(path, "w") as f:
             json.dump(obj, f, indent=1)
-
 
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
-
 
 def set_rng_state(state):
     random.setstate(state["python"])
@@ -231,13 +207,11 @@ def set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
-
 def save_checkpoint(path, state):
     """Atomic: write a temporary file beside `path`, then rename, so a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_state(module, state_dict, path):
     """module.load_state_dict with a one-line error when the checkpoint's shapes do not fit the model."""
@@ -247,7 +221,6 @@ def load_state(module, state_dict, path):
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e).strip() else str(e)
         raise SystemExit(f"error: {path} does not fit this model ({first}); use the flags it was "
                          "trained with or another --output-dir") from None
-
 
 def load_checkpoint(path, method):
     """Load a checkpoint written by `method`, with a one-line error for anything else."""
