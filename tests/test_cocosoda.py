@@ -1,0 +1,291 @@
+"""Tests for cocosoda.py: worked examples of the spec, a --tiny run that learns, two processes = one process,
+exact resume, bad input. Mechanics tests use a small CodeSearchNet-format folder written here (fast, and it
+exercises the real-data reader); only the --tiny run builds the standard-library corpus."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+
+import cocosoda as cs
+import common
+import helpers
+from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run_torchrun
+
+
+def run_script(*args, **kw):
+    """helpers.run_script with one thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait for
+    each other and a step can take 10x longer; one thread is as fast on a quiet machine at this model size."""
+    return helpers.run_script(*args, threads=1, **kw)
+
+OPS = [("+", "add"), ("-", "subtract"), ("*", "multiply"), ("//", "divide")]
+
+
+def _example(i):
+    op, word = OPS[i % 4]
+    return {"url": f"https://example.org/f{i}", "language": "python",
+            "code_tokens": ["def", f"f{i}", "(", "x", ")", ":", "return", "x", op, str(i)],
+            "docstring_tokens": [word, "x", "and", str(i)]}
+
+
+def write_csn(root, n_train=64, n_test=16):
+    """<root>/python/{train,test,codebase}.jsonl in the CodeSearchNet format of the official preprocess.py."""
+    os.makedirs(os.path.join(root, "python"), exist_ok=True)
+    files = {"train": range(n_train), "test": range(1000, 1000 + n_test), "codebase": range(1000, 1000 + n_test)}
+    for name, idx in files.items():
+        with open(os.path.join(root, "python", f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(_example(i)) + "\n" for i in idx)
+    return root
+
+
+@pytest.fixture(scope="module")
+def csn(tmp_path_factory):
+    return write_csn(str(tmp_path_factory.mktemp("csn")))
+
+
+SMALL = ["--tiny", "--pretrain-langs", "python", "--batch-size", "16"]  # + --data <csn>
+
+
+# --- 1. worked examples and properties ---
+A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+Q = torch.tensor([[-1.0], [0.0]])  # (d, K) = (2, 1)
+
+
+def test_moco_logits_worked_example():
+    logits, labels = cs.moco_logits(A, A, Q, t=1.0)
+    assert torch.allclose(logits, torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]]))
+    rows = nn.functional.cross_entropy(logits, labels, reduction="none")
+    assert torch.allclose(rows, torch.tensor([0.40761, 0.55144]), atol=1e-5)
+    assert abs(rows.mean().item() - 0.47953) < 1e-5
+    assert nn.functional.cross_entropy(*cs.moco_logits(A, A, Q, t=0.05)).item() < 1e-8  # ~3e-9
+    empty = torch.zeros(2, 0)  # empty queue: in-batch InfoNCE
+    inbatch = nn.functional.cross_entropy(A @ A.T, torch.arange(2))
+    assert torch.allclose(nn.functional.cross_entropy(*cs.moco_logits(A, A, empty, t=1.0)), inbatch)
+    assert torch.equal(cs.moco_logits(A, A, Q, 1.0, offset=4)[1], torch.tensor([4, 5]))
+
+
+def test_cocosoda_loss_worked_example_and_queue_matters():
+    queues = {k: Q for k in cs.QUEUES}
+    for intra in (False, True):
+        loss = cs.cocosoda_loss(A, A, A, A, queues, t=1.0, scale=1.0, intra=intra)
+        assert abs(loss.item() - 0.47953) < 1e-5
+    # temperature and scale enter only as scale / t (official: 20 * logits / 0.07)
+    a = cs.cocosoda_loss(A, A, A, A, queues, t=0.07, scale=20.0)
+    b = cs.cocosoda_loss(A, A, A, A, queues, t=0.07 / 20, scale=1.0)
+    assert torch.allclose(a, b)
+    # the queues are used (the pre-2f2bf8e bug silently dropped them)
+    closer = {k: torch.tensor([[0.9], [0.1]]) for k in cs.QUEUES}
+    assert cs.cocosoda_loss(A, A, A, A, closer, 1.0, 1.0).item() > 0.6
+    # gradient flows into both online sides (c -> n uses online n), not into the momentum keys
+    c, n, ck = A.clone().requires_grad_(), A.clone().requires_grad_(), A.clone().requires_grad_()
+    cs.cocosoda_loss(c, n, ck, A, closer, 1.0, 1.0).backward()
+    assert c.grad.abs().sum() > 0 and n.grad.abs().sum() > 0 and ck.grad is None
+    ft = cs.finetune_loss(A, A, scale=1.0)
+    assert torch.allclose(ft, nn.functional.cross_entropy(A @ A.T, torch.arange(2)))
+
+
+def test_ema_and_ring_queue():
+    online, target = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    online.weight.data.fill_(1.0)
+    target.weight.data.fill_(0.0)
+    common.ema_update_(target, online, 0.999)
+    assert abs(target.weight.item() - 0.001) < 1e-7
+    q = cs.Queue(3, 4)
+    assert torch.allclose(q.tensor.norm(dim=0), torch.ones(4))  # normalised noise
+    ptrs = []
+    for v in (1.0, 2.0, 3.0):
+        q.enqueue(torch.full((2, 3), v))
+        ptrs.append(int(q.ptr))
+    assert ptrs == [2, 0, 2]
+    assert torch.equal(q.tensor[0], torch.tensor([3.0, 3.0, 2.0, 2.0]))  # third enqueue overwrote columns 0-1
+    with pytest.raises(AssertionError):
+        q.enqueue(torch.zeros(3, 3))
+
+
+E, M, ID, OP, NUM = 5, 4, 20, 21, 22
+IDS = torch.tensor([[0, E, 2, 10, 11, 12, 13, 2, 1, 1]])
+TYPES = torch.tensor([[0, E, 2, ID, OP, ID, NUM, 2, 1, 1]])
+EDGES = torch.tensor([[True] * 3 + [False] * 4 + [True] * 3])  # prefix, </s>, pads
+
+
+def test_soft_augment_worked_examples():
+    only_4_6 = torch.ones(1, 10, dtype=torch.bool)
+    only_4_6[0, [4, 6]] = False  # selection fixed at {4, 6}
+    aug = lambda op, prot, **kw: cs.soft_augment(IDS, TYPES, 1.0, op, M, prot, replace_prob=1.0, **kw)  # noqa: E731
+    assert aug("mask", only_4_6).tolist() == [[0, E, 2, 10, M, 12, M, 2, 1, 1]]
+    assert aug("replace_type", only_4_6).tolist() == [[0, E, 2, 10, OP, 12, NUM, 2, 1, 1]]
+    assert aug("mask_type", EDGES, target_type=ID).tolist() == [[0, E, 2, M, 11, M, 13, 2, 1, 1]]
+    assert aug("replace_type_specified", EDGES, target_type=ID).tolist() == [[0, E, 2, ID, 11, ID, 13, 2, 1, 1]]
+    assert aug("mask", EDGES).tolist() == [[0, E, 2, M, M, M, M, 2, 1, 1]]  # p = 1, no 80/10/10 split
+    for op in cs.SODA_CYCLE:
+        assert torch.equal(cs.soft_augment(IDS, TYPES, 0.0, op, M, EDGES, target_type=ID), IDS)  # p = 0
+    # with the 80/10/10 split: protected positions never change, the input is not modified in place
+    ids, g = IDS.repeat(200, 1), torch.Generator().manual_seed(0)
+    before = ids.clone()
+    out = cs.soft_augment(ids, TYPES.repeat(200, 1), 0.5, "mask", M, EDGES.repeat(200, 1), g, vocab_size=30)
+    assert torch.equal(ids, before) and torch.equal(out[:, [0, 1, 2, 7, 8, 9]], ids[:, [0, 1, 2, 7, 8, 9]])
+    changed = (out != ids)[:, 3:7].float().mean().item()
+    assert 0.35 < changed < 0.55  # 0.5 selected, of which 80% masked + ~5% random (some random = same token)
+
+
+def test_soda_schedule():
+    # official loop counts from 1: count % 4 == 0 -> DM, 1 -> DR, 2 -> DRST, 3 -> DMST
+    assert [cs.soda_op(s, "paper")[0] for s in range(4)] == ["replace_type", "replace_type_specified",
+                                                             "mask_type", "mask"]
+    assert cs.soda_op(1, "paper")[1] in cs.TYPES[:6] and cs.soda_op(1, "paper") == cs.soda_op(1, "paper")
+    assert [cs.soda_op(s, "official")[0] for s in range(8)] == [None, None, None, "mask"] * 2
+
+
+def test_token_types_alignment_and_pooling():
+    toks = ["def", "getValue", "(", "x", ")", ":", "return", "x", "+", "1.5", "'s'", "->"]
+    types = cs.python_token_types(toks)
+    assert types == ["keyword", "identifier", "separator", "identifier", "separator", "separator", "keyword",
+                     "identifier", "operator", "number", "string", "separator"]
+    tok = cs.WordTokenizer(cs.WordTokenizer.SPECIALS + ["def", "get", "value", "(", ")", "x"])
+    ids, type_ids = cs.align_types(tok, toks[:5], types[:5], 12)
+    kw, ident, sep = (tok.type_ids[t] for t in ("keyword", "identifier", "separator"))
+    assert ids.tolist()[:10] == [0, tok.enc_id, 2] + [tok.index[w] for w in ["def", "get", "value", "(", "x", ")"]] + [2]
+    assert type_ids.tolist()[3:9] == [kw, ident, ident, sep, ident, sep]  # both pieces of getValue: identifier
+    assert ids.tolist()[10:] == [1, 1]
+    prot = cs.protected_mask(ids[None], tok)[0]
+    assert prot.tolist() == [True] * 3 + [False] * 6 + [True] * 3
+    h, mask = torch.tensor([[[1.0], [3.0], [100.0]]]), torch.tensor([[True, True, False]])
+    assert cs.mean_pool(h, mask).tolist() == [[2.0]]
+
+
+def test_pretrained_path_adds_type_tokens(tmp_path):
+    """--model-name with a BPE tokenizer + RobertaModel on disk (a toy one written here, as UniXcoder's would be):
+    <encoder-only> and the type tokens are added, embeddings resized, BPE pieces inherit their word's type."""
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+    d = str(tmp_path / "toy")
+    os.makedirs(d)
+    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", "d", "e", "f", "de", "def", "g",
+                                         "t", "et", "get", "Ġget", "Ġ", "x", "Ġx", "(", "Ġ("])}
+    json.dump(vocab, open(os.path.join(d, "vocab.json"), "w"))
+    open(os.path.join(d, "merges.txt"), "w").write("#version: 0.2\nd e\nde f\ne t\ng et\nĠ get\nĠ x\nĠ (\n")
+    RobertaTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")).save_pretrained(d)
+    cfg = RobertaConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    RobertaModel(cfg, add_pooling_layer=False).save_pretrained(d)
+    args = cs.get_args(["--model-name", d, "--code-len", "12", "--nl-len", "12"])
+    tok, enc = cs.build_encoder(args, [])
+    assert isinstance(tok, cs.HFTokenizer) and tok.vocab_size == len(vocab) + 1 + len(cs.TYPES)
+    assert enc.backbone.get_input_embeddings().weight.shape[0] == tok.vocab_size
+    ids, types = cs.align_types(tok, ["def", "get", "(", "x"], ["keyword", "identifier", "separator", "identifier"], 12)
+    assert ids.tolist()[:8] == [0, tok.enc_id, 2, vocab["def"], vocab["Ġget"], vocab["Ġ("], vocab["Ġx"], 2]
+    assert types.tolist()[3:7] == [tok.type_ids[t] for t in ("keyword", "identifier", "separator", "identifier")]
+    assert enc.encode(ids[None]).norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mrr_worked_example():
+    scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.5, 0.8], [0.4, 0.6, 0.1]])
+    gold = torch.tensor([0, 1, 2])
+    assert abs(cs.mrr(scores, gold) - (1 + 1 / 2 + 1 / 3) / 3) < 1e-6  # 0.6111
+    assert abs(cs.mrr(scores, gold, topk=2) - 0.5) < 1e-6
+    assert abs(cs.recall_at_k(scores, gold, 1) - 1 / 3) < 1e-6 and abs(cs.recall_at_k(scores, gold, 2) - 2 / 3) < 1e-6
+
+
+# --- 2. --tiny learns on held-out standard-library functions; the fine-tuning stage runs from its export ---
+def test_tiny_learns_and_finetune_stage(tmp_path, csn):
+    out = str(tmp_path / "tiny")
+    p = run_script("cocosoda.py", "--tiny", "--output-dir", out, timeout=280)
+    m = read_metrics(out)
+    assert list(m)[0] == "mrr" and {"r@1", "r@5", "r@10", "mrr_init"} <= set(m)
+    assert m["mrr"] > m["mrr_init"] + 0.08, p.stdout[-2000:]
+    assert "mrr_init" in p.stdout and os.path.isfile(os.path.join(out, "encoder", cs.WordTokenizer.FILE))
+    ft = str(tmp_path / "ft")
+    run_script("cocosoda.py", "--tiny", "--mode", "finetune", "--data", csn, "--model-name", os.path.join(out, "encoder"),
+               "--batch-size", "16", "--max-steps", "3", "--output-dir", ft)
+    assert "momentum_model" not in load_ckpt(ft) and math.isfinite(read_metrics(ft)["mrr"])
+
+
+# --- 3. two processes agree with one process holding the same global batch ---
+def test_two_processes_equal_one(tmp_path, csn):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    common_args = ["--tiny", "--data", csn, "--pretrain-langs", "python", "--dropout", "0", "--max-steps", "2",
+                   "--log-every", "1"]
+    run_script("cocosoda.py", *common_args, "--batch-size", "16", "--output-dir", one)
+    run_torchrun("cocosoda.py", *common_args, "--batch-size", "8", "--output-dir", two, nproc=2)
+    l1, l2 = [r["loss"] for r in read_log(one) if "loss" in r], [r["loss"] for r in read_log(two) if "loss" in r]
+    assert abs(l1[0] - l2[0]) < 1e-5 * abs(l1[0]), (l1, l2)
+    a, b = load_ckpt(one), load_ckpt(two)
+    assert a["step"] == b["step"] == 2
+    assert_tensors_close(a["queues"], b["queues"], atol=1e-5)
+    assert_tensors_close(a["model"], b["model"], atol=1e-5)
+    assert_tensors_close(a["momentum_model"], b["momentum_model"], atol=1e-5)
+
+
+# --- 4. resume: 4 steps in one go == 2 steps, stop, 2 more ---
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, csn):
+    root = tmp_path_factory.mktemp("resume")
+    full, part = str(root / "full"), str(root / "part")
+    run_script("cocosoda.py", *SMALL, "--data", csn, "--max-steps", "4", "--output-dir", full)
+    run_script("cocosoda.py", *SMALL, "--data", csn, "--max-steps", "2", "--output-dir", part)
+    p = run_script("cocosoda.py", *SMALL, "--data", csn, "--max-steps", "4", "--output-dir", part)
+    assert "resumed" in p.stdout
+    return full, part
+
+
+def test_resume_is_exact(resumed):
+    a, b = (load_ckpt(d) for d in resumed)
+    assert a["step"] == b["step"] == 4
+    for k in ("model", "momentum_model", "queues", "optimizer"):
+        assert_tensors_close(a[k], b[k], path=k)
+
+
+# --- 5. bad input ---
+def _fails(*args, expect, ckpt_dir=None):
+    before = open(os.path.join(ckpt_dir, "checkpoint.pt"), "rb").read() if ckpt_dir else None
+    p = run_script("cocosoda.py", *args, check=False)
+    assert p.returncode != 0 and expect in p.stdout, p.stdout[-2000:]
+    assert "Traceback" not in p.stdout
+    if ckpt_dir:
+        assert open(os.path.join(ckpt_dir, "checkpoint.pt"), "rb").read() == before
+
+
+def test_bad_data_files(tmp_path, csn):
+    def load(data):
+        return cs.load_data(cs.get_args(["--tiny", "--data", data, "--pretrain-langs", "python"]))
+
+    bad = str(tmp_path / "bad")
+    os.makedirs(os.path.join(bad, "python"))
+    with pytest.raises(SystemExit, match="train.jsonl not found"):  # empty folder
+        load(bad)
+    shutil.copytree(csn, bad, dirs_exist_ok=True)
+    train = os.path.join(bad, "python", "train.jsonl")
+    lines = open(train).read().splitlines()
+    open(train, "w").write("\n".join([lines[0], "{not json", *lines[2:]]) + "\n")
+    with pytest.raises(SystemExit, match="train.jsonl line 2 is not valid JSON"):
+        load(bad)
+    open(train, "w").write("\n".join([lines[0], json.dumps({"code_tokens": ["x"]}), *lines[2:]]) + "\n")
+    with pytest.raises(SystemExit, match="line 2 has no 'docstring_tokens'"):
+        load(bad)
+    open(train, "w").write("")
+    with pytest.raises(SystemExit, match="is empty"):
+        load(bad)
+    shutil.copy(os.path.join(csn, "python", "train.jsonl"), train)
+    with open(os.path.join(bad, "python", "test.jsonl"), "a") as f:
+        f.write(json.dumps(_example(5000)) + "\n")
+    with pytest.raises(SystemExit, match="is not in python/codebase.jsonl"):
+        load(bad)
+
+
+def test_bad_input_cli(tmp_path, csn, resumed):
+    out = str(tmp_path / "out")
+    _fails("--tiny", "--data", str(tmp_path / "missing"), "--output-dir", out, expect="is not a directory")
+    _fails("--tiny", "--queue-size", "100", "--output-dir", out, expect="not a positive multiple of the global batch")
+    _fails("--data", csn, "--mode", "finetune", "--model-name", str(tmp_path / "no_model"), "--output-dir", out,
+           expect="--from-scratch")
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    torch.save({"method": "swav"}, os.path.join(other, "checkpoint.pt"))
+    _fails(*SMALL, "--data", csn, "--output-dir", other, expect="not 'cocosoda'", ckpt_dir=other)
+    for extra, expect in ((["--hidden-size", "32"], "does not fit this model"),
+                          (["--lr", "1e30", "--max-steps", "8", "--log-every", "1"], "error: loss is")):
+        run = str(tmp_path / f"copy{len(extra)}")
+        shutil.copytree(resumed[1], run)
+        _fails(*SMALL, "--data", csn, *extra, "--output-dir", run, expect=expect, ckpt_dir=run)
