@@ -1,0 +1,299 @@
+"""Tests for albef.py: the spec's worked examples and properties, a --tiny run that learns, two processes vs one
+process holding the same global batch, exact resume, and bad input."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import albef
+import common
+from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run_script, run_torchrun
+
+T = torch.tensor
+
+
+# --- 1. Core functions: worked examples (numbers typed in from the spec) and properties ---
+def test_itc_worked_examples():
+    s_i2t, s_t2i = T([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]), T([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
+    hard = torch.eye(2, 3)
+    assert albef.itc_loss(s_i2t, s_t2i, hard, hard).item() == pytest.approx(0.3654, abs=1e-4)  # example 1
+    teacher = T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    tgt = albef.soft_targets(teacher, hard, 0.4)
+    assert torch.allclose(tgt[0], T([0.8304, 0.0848, 0.0848]), atol=1e-4)
+    assert albef.itc_loss(s_i2t, s_t2i, tgt, tgt).item() == pytest.approx(0.6621, abs=1e-4)  # example 2
+
+
+def test_soft_targets_properties():
+    g = torch.Generator().manual_seed(0)
+    s, s_m = torch.randn(4, 9, generator=g) * 3, torch.randn(4, 9, generator=g) * 3
+    hard = torch.eye(4, 9)
+    assert torch.allclose(albef.soft_targets(s_m, hard, 0.4).sum(1), torch.ones(4))
+    # alpha = 0 is the hard loss; alpha = 1 with teacher = student is the student's entropy
+    assert albef.itc_loss(s, s, albef.soft_targets(s_m, hard, 0.0), hard) == albef.itc_loss(s, s, hard, hard)
+    entropy = -(F.softmax(s, 1) * F.log_softmax(s, 1)).sum(1).mean()
+    assert torch.allclose(albef.itc_loss(s, s, albef.soft_targets(s, hard, 1.0), albef.soft_targets(s, hard, 1.0)),
+                          entropy, atol=1e-6)
+
+
+def test_idx_targets_worked_example():
+    t = albef.idx_targets(T([7, 7, 9]), T([7, 7, 9, 9, -100]))  # example 3: queued idx 9 is a positive
+    assert torch.allclose(t, T([[.5, .5, 0, 0, 0], [.5, .5, 0, 0, 0], [0, 0, .5, .5, 0]]))
+
+
+def test_hard_negatives_worked_example_and_never_the_positive():
+    logits = T([[5.0, 4.0, 1.0], [2.0, 6.0, 2.0], [0.0, 3.0, 4.0]])
+    official = F.softmax(logits, 1).fill_diagonal_(0)  # example 4: the official weights...
+    assert torch.allclose(official, T([[0, .2654, .0132], [.0177, 0, .0177], [.0132, .2654, 0]]), atol=1e-4)
+    w = albef.hard_negative_weights(logits)  # ...and the distribution multinomial draws from them
+    assert torch.allclose(w, T([[0, .9526, .0474], [.5, 0, .5], [.0474, .9526, 0]]), atol=1e-4)
+    assert torch.allclose(w, official / official.sum(1, keepdim=True), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    sims, idx = torch.randn(8, 8, generator=g), T([0, 0, 1, 1, 2, 2, 3, 3])
+    for _ in range(50):
+        neg_img, neg_txt = albef.sample_hard_negatives(sims, sims.T, generator=g)
+        assert (neg_img != torch.arange(8)).all() and (neg_txt != torch.arange(8)).all()
+        neg_img, neg_txt = albef.sample_hard_negatives(sims, sims.T, idx, generator=g)
+        assert (idx[neg_img] != idx).all() and (idx[neg_txt] != idx).all()  # retrieval: never the same image
+    assert albef.itm_labels(4).tolist() == [1] * 4 + [0] * 8
+
+
+def test_degenerate_rows_do_not_crash():
+    sims = T([[1e4, 0.0, 0.0], [0.0, 1e4, 0.0], [0.0, 0.0, 1e4]])  # a dominant positive (tiny temperature)
+    official = F.softmax(sims, 1).fill_diagonal_(0)
+    with pytest.raises(RuntimeError):  # the known 'invalid multinomial distribution' of the official recipe
+        torch.multinomial(official[0], 1)
+    neg_img, neg_txt = albef.sample_hard_negatives(sims, sims)
+    assert (neg_img != torch.arange(3)).all() and (neg_txt != torch.arange(3)).all()
+    nan = torch.full((3, 3), float("nan"))  # NaN sims (fp16 overflow): uniform over the other items
+    assert (albef.sample_hard_negatives(nan, nan)[0] != torch.arange(3)).all()
+    albef.sample_hard_negatives(sims, sims, idx=T([5, 5, 5]))  # every item shows the same image
+    with pytest.raises(ValueError):
+        albef.sample_hard_negatives(sims[:1, :1], sims[:1, :1])  # batch of 1
+
+
+def test_mlm_worked_example_and_masking():
+    loss = albef.mlm_distill_loss(T([[2.0, 1.0, 0.0]]), T([0]), T([[.5, .3, .2]]), 0.4)
+    assert loss.item() == pytest.approx(0.6876, abs=1e-4)  # example 5
+    ignored = albef.mlm_distill_loss(T([[2.0, 1.0, 0.0], [9.0, 0.0, 0.0]]), T([0, -100]), T([[.5, .3, .2]] * 2), 0.4)
+    assert ignored.item() == pytest.approx(0.6876, abs=1e-4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (400, 30), generator=g)
+    ids[:, 0], ids[:, 20:] = 2, 0  # [CLS] ... [PAD]
+    masked, labels = albef.mask_tokens(ids, 100, 4, 0, 2, 0.15, generator=g)
+    sel = labels != -100
+    assert not sel[:, 0].any() and not sel[:, 20:].any()  # never [CLS] or [PAD]
+    assert abs(sel[:, 1:20].float().mean().item() - 0.15) < 0.01
+    assert abs((masked[sel] == 4).float().mean().item() - 0.8) < 0.03
+    assert torch.equal(labels[sel], ids[sel]) and torch.equal(masked[~sel], ids[~sel])
+
+
+def test_alpha_warm_up_and_lr_worked_examples():
+    assert albef.alpha_at(0, 250, 1000, 0.4) == pytest.approx(0.1)  # example 9
+    assert albef.alpha_at(0, 1000, 1000, 0.4) == pytest.approx(0.4)
+    assert albef.alpha_at(1, 3, 1000, 0.4) == pytest.approx(0.4)
+    assert albef.albef_lr(0, 150) == pytest.approx(1.45e-5)  # example 10
+    assert albef.albef_lr(0, 1000) == pytest.approx(5.5e-5)
+    assert albef.albef_lr(0, 5000) == pytest.approx(1e-4)
+    assert albef.albef_lr(1, 0) == pytest.approx(9.975e-5, rel=1e-3)
+    assert albef.albef_lr(15, 0) == pytest.approx(5.5e-5)
+    assert albef.albef_lr(29, 0) == pytest.approx(1.025e-5, rel=1e-3)
+
+
+def test_queue_fifo_and_momentum():
+    q = torch.zeros(3, 4)
+    ptr = albef.dequeue_and_enqueue(q, 0, T([[1.0, 1, 1], [2, 2, 2]]))  # example 7
+    assert ptr == 2 and q[:, :2].T.tolist() == [[1, 1, 1], [2, 2, 2]] and q[:, 2:].abs().sum() == 0
+    ptr = albef.dequeue_and_enqueue(q, ptr, T([[3.0, 3, 3], [4, 4, 4]]))
+    assert ptr == 0 and q[0].tolist() == [1, 2, 3, 4]
+    albef.dequeue_and_enqueue(q, ptr, T([[5.0, 5, 5], [6, 6, 6]]))
+    assert q[0].tolist() == [5, 6, 3, 4]  # the oldest columns are overwritten
+    with pytest.raises(ValueError):
+        albef.dequeue_and_enqueue(q, 0, torch.ones(3, 3))
+    queue = albef.Queue(8, 6, seed=1)
+    assert torch.allclose(queue.image.norm(dim=0), torch.ones(6)) and (queue.idx == -100).all()
+    queue.push(torch.ones(2, 8), torch.ones(2, 8), T([3, 4]))
+    assert queue.ptr.item() == 2 and queue.idx[0, :2].tolist() == [3, 4]
+    # EMA (example 6) on the momentum copy of the encoders; the copy never requires gradients
+    args = albef.get_args(["--tiny"])
+    enc = albef.build_encoders(args, 40)
+    enc_m = common.momentum_copy(enc)
+    assert all(not p.requires_grad for p in enc_m.parameters())
+    with torch.no_grad():
+        enc_m.text_proj.bias.fill_(1.0), enc.text_proj.bias.fill_(0.0)
+    common.ema_update_(enc_m, enc, 0.995)
+    assert torch.allclose(enc_m.text_proj.bias, torch.full((32,), 0.995))
+    common.ema_update_(enc_m, enc, 0.995)
+    assert torch.allclose(enc_m.text_proj.bias, torch.full((32,), 0.990025))
+    assert (enc.text_proj.bias == 0).all()  # the student is untouched
+    assert not hasattr(enc.text_encoder.bert.encoder.layer[1], "crossattention")  # text layers: no cross-attention
+    assert hasattr(enc.text_encoder.bert.encoder.layer[2], "crossattention")
+
+
+def test_recall_at_k_worked_example_and_rerank():
+    s_i2t = T([[.9, .1, .8, .2], [.3, .95, .2, .1]])  # example 8
+    r = albef.recall_at_k(s_i2t, s_i2t.T, [[0, 1], [2, 3]], [0, 0, 1, 1])
+    assert (r["txt_r1"], r["txt_r5"], r["img_r1"], r["img_r5"]) == pytest.approx((50, 100, 25, 100))
+    assert r["r_mean"] == pytest.approx(((50 + 100 + 100) / 3 + (25 + 100 + 100) / 3) / 2)
+    sims = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    scores = albef.rerank_topk(sims, 3, lambda rows, cols: (rows[:, None] * 10 + cols).float())
+    top = sims.topk(3, dim=1).indices
+    for i in range(5):  # only each row's top-k entries are ITM scores, every other entry is -100
+        assert sorted(scores[i][scores[i] != -100].tolist()) == sorted((i * 10 + top[i]).float().tolist())
+    part = albef.rerank_topk(sims, 3, lambda rows, cols: (rows[:, None] * 10 + cols).float(), rows=T([1, 3]))
+    assert (part[[0, 2, 4]] == -100).all() and torch.equal(part[[1, 3]], scores[[1, 3]])
+
+
+def test_pre_caption_and_synthetic_captions():
+    assert albef.pre_caption("A  Dog's <person>, jumping-over/the (red) fence!\n") == "a dogs person jumping over the red fence"
+    assert albef.pre_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
+    caps = albef.scene_captions(("red", "circle", "blue", "square", True))
+    assert caps[0] == "a red circle above a blue square" and all("red circle" in c and "blue square" in c for c in caps)
+    train, test = albef.synthetic_data(albef.get_args(["--tiny"]))
+    assert len({it["image"] for it in test}) == len(test) == 100  # distinct scenes: retrieval is well defined
+    img = albef.render(test[0]["image"], 32)
+    assert img.shape == (3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_paper_size_model_builds_on_meta_without_download():
+    args = albef.get_args(["--no-pretrained"])
+    assert (args.queue_size, args.momentum, args.alpha, args.embed_dim, args.image_res) == (65536, 0.995, 0.4, 256, 256)
+    with torch.device("meta"):
+        model = albef.ALBEF(albef.build_encoders(args, 30522), args.temp)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model.enc.visual_encoder) == 85_844_736  # ViT-B/16 at 256 px: 16 x 16 patches + [CLS]
+    bert = model.enc.text_encoder
+    assert len(bert.bert.encoder.layer) == 12 and bert.config.hidden_size == 768
+    assert sum(hasattr(layer, "crossattention") for layer in bert.bert.encoder.layer) == 6
+    assert 123e6 < count(bert) < 124.5e6  # BERT-base + MLM head + 6 cross-attention blocks
+    assert 209e6 < count(model) < 211e6
+
+
+def test_official_json_formats_train_and_evaluate(tmp_path):
+    """Real images in the official formats: pretraining [{image, caption}] and retrieval [{image, caption,
+    image_id}] for training, [{image, caption: [...]}] for evaluation, paths relative to --image-root."""
+    import torchvision
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(tmp_path / "img")
+    for i in range(8):
+        torchvision.utils.save_image(torch.rand(3, 40, 48, generator=g), tmp_path / "img" / f"{i}.png")
+    pre = [{"image": f"{i % 8}.png", "caption": [f"A photo, number {i}!", "a PHOTO"] if i % 2 else f"photo {i}"}
+           for i in range(16)]
+    ret = [{"image": f"{i % 8}.png", "caption": f"photo {i}", "image_id": f"id{i % 8}"} for i in range(16)]
+    test = [{"image": f"{i}.png", "caption": [f"photo {i}", "a photo"]} for i in range(4)]
+    for name, obj in (("pre", pre), ("ret", ret), ("test", test)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(obj))
+    args = albef.get_args(["--tiny", "--mode", "retrieval", "--data", str(tmp_path / "ret.json"), "--eval-data",
+                           str(tmp_path / "test.json"), "--image-root", str(tmp_path / "img")])
+    train, ev = albef.load_data(args)
+    assert [idx for _, _, idx in train[:9]] == [0, 1, 2, 3, 4, 5, 6, 7, 0]  # image ids -> contiguous idx
+    assert ev[0]["caption"] == ["photo 0", "a photo"] and ev[0]["image"].endswith("0.png")
+    for mode, data, more in (("pretrain", "pre.json", []),  # then fine-tune from it at 48 px (positions resized)
+                             ("retrieval", "ret.json", ["--init", str(tmp_path / "pretrain" / "checkpoint.pt"),
+                                                        "--image-res", "48"])):
+        out = tmp_path / mode
+        albef.main(["--tiny", "--mode", mode, "--data", str(tmp_path / data), "--eval-data", str(tmp_path / "test.json"),
+                    "--image-root", str(tmp_path / "img"), "--max-steps", "2", "--output-dir", str(out), *more])
+        m = read_metrics(out)
+        assert 0 <= m["r_mean"] <= 100 and load_ckpt(out)["step"] == 2
+        assert load_ckpt(out)["queue"]["ptr"].item() == 32
+    pre, ft = load_ckpt(tmp_path / "pretrain")["model"], load_ckpt(tmp_path / "retrieval")["model"]
+    assert ft["enc.visual_encoder.embeddings.position_embeddings"].shape == (1, 1 + 36, 64)  # 6 x 6 patches of 8 px
+    word, head = "enc.text_encoder.bert.embeddings.word_embeddings.weight", "enc.text_encoder.cls.predictions.bias"
+    assert not torch.equal(pre[word], ft[word]) and torch.equal(pre[head], ft[head])  # fine-tuning: no MLM head
+
+
+# --- 2. A --tiny run learns ---
+def test_tiny_run_learns(tmp_path):
+    p = run_script("albef.py", "--tiny", "--output-dir", tmp_path, timeout=600)
+    m = read_metrics(tmp_path)
+    assert list(m)[:2] == ["r_mean", "r_mean_init"] and "random init" in p.stdout
+    assert m["r_mean"] > m["r_mean_init"] + 10 and m["r_mean"] > 2.5 * m["r_mean_init"], m
+    assert os.path.exists(tmp_path / "checkpoint.pt") and read_log(tmp_path)[-1]["eval"]["r_mean"] == m["r_mean"]
+
+
+# --- 3. Two processes agree with one process holding the same global batch ---
+def test_two_processes_match_one(tmp_path):
+    flags = ("--tiny", "--max-steps", "1", "--log-every", "1")
+    run_script("albef.py", *flags, "--batch-size", "16", "--output-dir", tmp_path / "one")
+    run_torchrun("albef.py", *flags, "--batch-size", "8", "--output-dir", tmp_path / "two", nproc=2)
+    one, two = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    # the queue holds the all-gathered momentum features of the global batch, in the same order
+    assert_tensors_close(one["queue"], two["queue"], atol=1e-5)
+    assert one["queue"]["ptr"].item() == 16
+    # ALBEF's ITC uses the *local* batch + the shared queue as negatives (official): at step 1 the student equals
+    # the momentum model (no dropout in tiny), so the queued features of the one-process run give both losses
+    q0 = albef.Queue(32, 64, seed=42)
+    v, t = one["queue"]["image"][:, :16].T, one["queue"]["text"][:, :16].T
+    tau = T(0.07)
+
+    def itc(v, t):  # alpha = 0 at step 1 (warm-up): one-hot targets
+        s_i2t, s_t2i = v @ torch.cat([t, q0.text.T]).T / tau, t @ torch.cat([v, q0.image.T]).T / tau
+        hard = torch.eye(len(v), len(v) + 64)
+        return albef.itc_loss(s_i2t, s_t2i, hard, hard).item()
+    loss_one, loss_two = read_log(tmp_path / "one")[0]["loss_itc"], read_log(tmp_path / "two")[0]["loss_itc"]
+    assert loss_one == pytest.approx(itc(v, t), abs=1e-5)
+    assert loss_two == pytest.approx((itc(v[:8], t[:8]) + itc(v[8:], t[8:])) / 2, abs=1e-5)  # mean over ranks
+    assert_tensors_close(one["queue"]["image"][:, 16:], q0.image[:, 16:])  # the rest is the seeded initial queue
+
+
+# --- 4. Resume is exact ---
+def test_resume_is_exact(tmp_path):
+    run_script("albef.py", "--tiny", "--max-steps", "6", "--output-dir", tmp_path / "full")
+    run_script("albef.py", "--tiny", "--max-steps", "3", "--output-dir", tmp_path / "split")
+    assert load_ckpt(tmp_path / "split")["step"] == 3
+    p = run_script("albef.py", "--tiny", "--max-steps", "6", "--output-dir", tmp_path / "split")
+    assert "resumed" in p.stdout
+    a, b = load_ckpt(tmp_path / "full"), load_ckpt(tmp_path / "split")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "momentum_model", "queue", "optimizer"):
+        assert_tensors_close(a[key], b[key], path=key)
+
+
+# --- 5. Bad input ---
+def test_bad_input(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"image": "a.jpg", "caption": "x"},\n {"image": "b.jpg" "caption": "y"}\n]\n')
+    nokey = tmp_path / "nokey.json"
+    nokey.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}]))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"image": "a.jpg", "caption": ["x", "y"]}]))
+    ret = tmp_path / "ret.json"
+    ret.write_text(json.dumps([{"image": "a.jpg", "caption": "x"}]))
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"method": "swav"}, other / "checkpoint.pt")
+    cases = [  # (flags, words the one-line error must contain); run in-process: each exits before training
+        (["--data", tmp_path / "missing.json", "--eval-data", test], ["missing.json", "not found"]),
+        (["--data", bad, "--eval-data", test], ["bad.json:3", "not valid JSON"]),
+        (["--data", nokey, "--eval-data", test], ["nokey.json", "entry 1", "caption"]),
+        (["--data", empty, "--eval-data", test], ["empty.json", "non-empty"]),
+        (["--data", ret, "--eval-data", test], ["a.jpg", "not found", "--image-root"]),
+        (["--tiny", "--output-dir", other], ["swav", "not 'albef'"]),
+    ]
+    for n, (flags, words) in enumerate(cases):
+        flags = [str(f) for f in flags] + ([] if "--output-dir" in flags else ["--output-dir", str(tmp_path / f"o{n}")])
+        with pytest.raises(SystemExit) as e:
+            albef.main(flags)
+        assert str(e.value).startswith("error:") and all(w in str(e.value) for w in words), (words, str(e.value))
+    # from the command line: non-zero exit, a one-line message, no traceback
+    p = run_script("albef.py", "--tiny", "--queue-size", "60", "--output-dir", tmp_path / "q", check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stdout
+    assert "error: --queue-size 60 is not a multiple of the global batch 16" in p.stdout.strip().splitlines()[-1]
+    # pretrained weights that cannot be reached (tests run offline): a clear error naming the alternatives
+    p = run_script("albef.py", "--max-steps", "0", "--output-dir", tmp_path / "offline", check=False)
+    assert p.returncode != 0 and "--no-pretrained" in p.stdout.strip().splitlines()[-1], p.stdout[-1000:]
+    # a checkpoint of another shape, and a NaN loss: one-line errors, the good checkpoint stays untouched
+    good = str(tmp_path / "good")
+    albef.main(["--tiny", "--max-steps", "1", "--output-dir", good])
+    before = open(os.path.join(good, "checkpoint.pt"), "rb").read()
+    for flags, words in ((["--embed-dim", "16"], ["does not fit"]),
+                         (["--lr", "1e30", "--warmup-lr", "1e30", "--max-steps", "3", "--log-every", "1"],
+                          ["loss is", "at step 3", "untouched"])):  # step 2 blows the weights up
+        with pytest.raises(SystemExit) as e:
+            albef.main(["--tiny", "--output-dir", good, *flags])
+        assert all(w in str(e.value) for w in words), str(e.value)
+        assert open(os.path.join(good, "checkpoint.pt"), "rb").read() == before
