@@ -1,0 +1,633 @@
+"""SwAV: Unsupervised Learning of Visual Features by Contrasting Cluster Assignments.
+Mathilde Caron, Ishan Misra, Julien Mairal, Priya Goyal, Piotr Bojanowski, Armand Joulin. NeurIPS 2020. arXiv 2006.09882.
+
+SwAV learns features by predicting, from one crop of an image, the cluster assignment ("code") of another crop.
+Codes are computed online for every batch by a few Sinkhorn-Knopp iterations that spread the batch evenly over K
+learnable prototypes; each crop's temperature-softmax over its prototype scores is trained by cross-entropy to match
+the codes of the other (large) crops: the "swapped" prediction. Multi-crop adds cheap low-resolution views. There is
+no momentum encoder; an optional FIFO queue of past embeddings only enlarges the Sinkhorn problem at small batch.
+
+Implemented here (paper -> function): Eq. 1-2, the swapped prediction over all crops -> `swav_loss`; Sec. 3.1, codes
+as the entropic transport solution Diag(u) exp(C^T Z / eps) Diag(v) by 3 Sinkhorn-Knopp iterations, all-reduced so the
+equipartition is over the global batch -> `sinkhorn`, and the queue for small batches -> `SwAVQueue`; Sec. 3.2
+multi-crop -> `multicrop_transform`, `SwAV.forward`; implementation details (appendix, official main_swav.py):
+prototypes normalised every step and frozen at first -> `normalize_prototypes_`, `freeze_prototype_grads_`, LARS with
+warmup + cosine lr -> `LARS`, `lr_schedule`; linear evaluation on frozen features -> `linear_probe`, plus a weighted
+kNN -> `knn_accuracy`. Defaults: the official 200-epoch batch-256 recipe (ResNet-50, 2x224 + 6x96 crops, 3000
+prototypes, queue 3840 from epoch 15; 72.7% linear top-1 on ImageNet).
+
+  python swav.py --tiny                                                     # CPU smoke run, < 1 minute
+  python swav.py --data ~/data/cifar10 --arch cifar_resnet18 --size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 \\
+      --max-scale-crops 1 --batch-size 256 --freeze-prototypes-niters 195 --queue-length 0  # 1 GPU, CIFAR [inferred]
+  torchrun --nproc_per_node=8 swav.py --data /data/imagenet --batch-size 32     # paper: global batch 256, 200 ep
+  torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
+      swav.py --data /data/imagenet --batch-size 16
+"""
+import argparse
+import itertools
+import math
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+# --- Arguments ---
+# --tiny [inferred]: 2x32 + 2x16-px crops, 2 epochs of 64 steps at batch 32. It keeps the paper's K = 3000 and D = 128
+# and uses the batch-4096 recipe's warmup (0.3 -> 4.8): with K = 30-300, or without the warmup, runs this short often
+# collapsed to loss = ln K.
+TINY = dict(epochs=2, batch_size=32, lr=4.8, final_lr=0.0048, warmup_epochs=1, start_warmup=0.3, workers=0,
+            log_every=10, arch="small_cnn", hidden_mlp=128, size_crops=[32, 16], nmb_crops=[2, 2],
+            min_scale_crops=[0.3, 0.1], max_scale_crops=[1.0, 0.3], freeze_prototypes_niters=20, queue_length=128,
+            epoch_queue_starts=1)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SwAV (arXiv 2006.09882)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic', an ImageFolder root with train/ and val/, or a "
+                   "folder holding torchvision's cifar-10-batches-py or cifar-100-python (never downloaded)")
+    p.add_argument("--output-dir", default="runs/swav")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=64, help="per process (official: 64 per GPU; global 256)")
+    p.add_argument("--lr", type=float, default=0.6, help="base_lr of the official script for global batch 256 "
+                   "(4.8 for 4096); not rescaled with the batch: the authors advise linear scaling or a grid search")
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=31)
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the checkpoint in --output-dir (or the untrained model)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps; 0 = evaluate the untrained model")
+    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data: CPU smoke run")
+    p.add_argument("--log-every", type=int, default=50)
+    m = p.add_argument_group("method")
+    m.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                   "cifar_resnet18", "small_cnn"], help="torchvision ResNet (random init), ResNet-18 with a 3x3 stem and "
+                   "no max-pool for 32-px images [inferred], or a small GroupNorm CNN (--tiny) [inferred]")
+    m.add_argument("--hidden-mlp", type=int, default=2048, help="hidden width of the projection head (0: one linear)")
+    m.add_argument("--feat-dim", type=int, default=128, help="dimension of the L2-normalised embedding z")
+    m.add_argument("--nmb-prototypes", type=int, default=3000, help="K, the number of prototypes c_k (Sec. 3.1)")
+    m.add_argument("--temperature", type=float, default=0.1, help="tau of the softmax over prototype scores (Eq. 2)")
+    m.add_argument("--epsilon", type=float, default=0.05, help="eps, entropy weight of the transport problem (Sec. 3.1)")
+    m.add_argument("--sinkhorn-iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (Sec. 3.1)")
+    m.add_argument("--crops-for-assign", type=int, nargs="+", default=[0, 1], help="crops whose codes are predicted")
+    m.add_argument("--nmb-crops", type=int, nargs="+", default=[2, 6], help="crops per resolution (Sec. 3.2: 2 + 6)")
+    m.add_argument("--size-crops", type=int, nargs="+", default=[224, 96], help="crop resolutions (Sec. 3.2)")
+    m.add_argument("--min-scale-crops", type=float, nargs="+", default=[0.14, 0.05], help="RandomResizedCrop min scale")
+    m.add_argument("--max-scale-crops", type=float, nargs="+", default=[1.0, 0.14], help="RandomResizedCrop max scale")
+    m.add_argument("--final-lr", type=float, default=0.0006, help="lr at the end of the cosine schedule")
+    m.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup epochs (10 in the batch-4096 recipe)")
+    m.add_argument("--start-warmup", type=float, default=0.0, help="lr at the start of the warmup (0.3 at batch 4096)")
+    m.add_argument("--freeze-prototypes-niters", type=int, default=5005, help="iterations without prototype updates "
+                   "(one ImageNet epoch: 5005 at batch 256, 313 at 4096)")
+    m.add_argument("--queue-length", type=int, default=3840, help="rows of the queue of past embeddings over all "
+                   "processes (0: none); a multiple of the global batch")
+    m.add_argument("--epoch-queue-starts", type=int, default=15, help="epoch at which the queue is created")
+    m.add_argument("--lars-trust", type=float, default=0.001, help="trust coefficient eta of LARC (apex, clip=False)")
+    m.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN evaluation [inferred: lightly]")
+    m.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights [inferred: lightly]")
+    m.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe (eval_linear.py)")
+    m.add_argument("--probe-lr", type=float, default=0.3, help="lr of the linear probe at batch 256 (eval_linear.py)")
+    args = p.parse_args(argv)
+    if args.tiny:  # tiny values only where the user kept the default
+        for k, v in TINY.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    crop_flags = (args.nmb_crops, args.size_crops, args.min_scale_crops, args.max_scale_crops)
+    if len({len(c) for c in crop_flags}) != 1:
+        raise SystemExit("error: --nmb-crops, --size-crops, --min-scale-crops and --max-scale-crops need one value "
+                         "per resolution each; give them the same length")
+    if not all(0 <= i < sum(args.nmb_crops) for i in args.crops_for_assign) or sum(args.nmb_crops) < 2:
+        raise SystemExit(f"error: --crops-for-assign {args.crops_for_assign} must index the {sum(args.nmb_crops)} "
+                         "crops of --nmb-crops (at least 2 crops); use e.g. 0 1")
+    if min(args.temperature, args.epsilon) <= 0 or args.queue_length < 0:
+        raise SystemExit("error: --temperature and --epsilon must be positive and --queue-length non-negative")
+    return args
+
+
+# --- Data ---
+MEAN, STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # official SwAV (0.228, not 0.229)
+
+
+class SyntheticTextures(torch.utils.data.Dataset):
+    """10 texture classes filling 32-px images: stripes (horizontal, vertical, diagonal), checkerboards (straight,
+    diagonal), dots, grid lines, concentric rings, waves, speckle. Period (6-12 px), phase, ring centre, polarity
+    (light on dark or dark on light), a colour cast and pixel noise are random per image: neither colour nor brightness
+    tells the class, only the pattern does, and it survives SwAV's crops, flips and colour distortions.
+    Returns (uint8 image (3, S, S), label)."""
+    classes = ["horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "diagonal checkerboard",
+               "dots", "grid lines", "rings", "waves", "speckle"]
+
+    def __init__(self, n, seed, size=32):
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+        self.labels = torch.randint(0, len(self.classes), (n,), generator=g)
+        c = torch.arange(size, dtype=torch.float32)
+        yy, xx = torch.meshgrid(c, c, indexing="ij")  # (S, S) pixel coordinates
+        f, phase = 2 * math.pi / (6 + 6 * rand(n, 1, 1)), 2 * math.pi * rand(n, 1, 1)  # (n, 1, 1)
+        sign = torch.where(rand(n, 1, 1) < 0.5, -1.0, 1.0)  # diagonal stripes: either diagonal (a flip swaps them)
+        x0, y0 = size * rand(n, 1, 1), size * rand(n, 1, 1)
+        wave = lambda t: torch.sin(f * t + phase)  # noqa: E731
+        sx, sy, r2 = wave(xx), wave(yy), 2 ** 0.5
+        patterns = [sy > 0, sx > 0, wave((xx + sign * yy) / r2) > 0, (sx > 0) ^ (sy > 0),
+                    (wave((xx + yy) / r2) > 0) ^ (wave((xx - yy) / r2) > 0), (sx > 0.6) & (sy > 0.6),
+                    (sx > 0.85) | (sy > 0.85), wave(torch.hypot(xx - x0, yy - y0)) > 0,
+                    wave(yy + 2 * torch.sin(f * xx / 2)) > 0, rand(n, size, size) < 0.5]
+        mask = torch.zeros(n, size, size, dtype=torch.bool)
+        for k, p in enumerate(patterns):
+            mask |= p & (self.labels == k)[:, None, None]
+        mask ^= rand(n, 1, 1) < 0.5  # polarity
+        tint = 0.5 + 0.5 * rand(n, 3, 1, 1)  # colour cast [inferred: fully random colours stall SwAV in 128 steps]
+        img = torch.where(mask[:, None], 0.9, 0.1) * tint + 0.04 * torch.randn(n, 3, size, size, generator=g)
+        self.images = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def load_datasets(args):
+    """(train, val, number of classes, resize_for_eval): unaugmented datasets of (image, label)."""
+    if args.data == "synthetic":
+        n_train, n_val = (2048, 1024) if args.tiny else (16384, 4096)
+        train, val = SyntheticTextures(n_train, seed=0), SyntheticTextures(n_val, seed=1)
+        return train, val, len(SyntheticTextures.classes), False
+    root = os.path.expanduser(args.data)
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data {args.data} is not a folder; pass 'synthetic', an ImageFolder root with "
+                         "train/ and val/, or the folder holding cifar-10-batches-py or cifar-100-python")
+    try:
+        for sub, cls in (("cifar-10-batches-py", torchvision.datasets.CIFAR10),
+                         ("cifar-100-python", torchvision.datasets.CIFAR100)):
+            if os.path.isdir(os.path.join(root, sub)):
+                train, val = (cls(root, train=t, download=False) for t in (True, False))
+                return train, val, len(train.classes), False
+        if not all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+            raise SystemExit(f"error: {root} holds neither train/ and val/ (ImageFolder) nor cifar-10-batches-py or "
+                             "cifar-100-python; point --data at such a folder")
+        train, val = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val"))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"error: cannot read --data {root}: {str(e).splitlines()[0]}; check the folder") from None
+    if train.classes != val.classes:
+        raise SystemExit(f"error: {root}/train and {root}/val have different class folders; make them the same")
+    return train, val, len(train.classes), True
+
+
+class MultiCrop:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+def multicrop_transform(size_crops=(224, 96), nmb_crops=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14)):
+    """Sec. 3.2 multi-crop, as the official MultiCropDataset: per crop RandomResizedCrop, flip, colour jitter
+    (0.8, 0.8, 0.8, 0.2) w.p. 0.8, grayscale w.p. 0.2, Gaussian blur sigma U(0.1, 2) w.p. 0.5 (PIL radius = sigma)
+    on crops above 64 px only [inferred].
+    image -> list of sum(nmb_crops) normalised float tensors, large crops first."""
+    crops = []
+    for size, n, lo, hi in zip(size_crops, nmb_crops, min_scale, max_scale):
+        # The blur radius is in pixels: mild at 224 and 96 px, it erases 32-px images (CIFAR recipes drop it).
+        blur = [v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5)] if size > 64 else []
+        t = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True),
+                        v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+                        v2.RandomGrayscale(p=0.2), *blur,
+                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), v2.ToPureTensor()])
+        crops += [t] * n
+    return MultiCrop(crops)
+
+
+def eval_transform(size, resize):
+    """eval_linear.py: Resize(256) + CenterCrop(224), scaled to `size`; 32-px data is used as is."""
+    crop = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)] if resize else [
+        v2.Resize(size, antialias=True)]
+    return v2.Compose([v2.ToImage(), *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
+                       v2.ToPureTensor()])
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """(index, sample_seed) from common.ResumableSampler -> list of crops. Seeding makes the crops depend on
+    (seed, epoch, index) only, so resume is exact and two processes see the one-process global batch."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, sample_seed = key
+        image = self.base[index][0]
+        with common.seeded(sample_seed):
+            return self.transform(image)
+
+
+class Labelled(torch.utils.data.Dataset):
+    """index -> (eval-transformed image, label) for the kNN memory and the linear probe."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+# --- Model ---
+def build_backbone(arch):
+    """(backbone returning pooled features (B, F), F). torchvision ResNets are randomly initialised."""
+    if arch == "small_cnn":  # GroupNorm: no batch statistics, so 2 CPU processes compute what 1 process does
+        layers, c_in = [], 3
+        for c_out, stride in ((16, 1), (32, 2), (64, 2), (128, 2)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
+    net = torchvision.models.get_model(arch.replace("cifar_", ""), weights=None)
+    if arch.startswith("cifar_"):  # 32-px images: 3x3 stride-1 stem, no max-pool
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
+    return net, dim
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d with the statistics of the global batch on any device (nn.SyncBatchNorm is CUDA-only), as the
+    official SyncBN head: a 2-process CPU run then computes what one process with the whole batch does."""
+
+    def forward(self, x):
+        if not self.training or common.get_world_size() == 1:
+            return super().forward(x)
+        stats = common.all_gather_with_grad(torch.stack([x.mean(0), (x * x).mean(0)])[None]).mean(0)  # (2, C)
+        mean, var = stats[0], stats[1] - stats[0] ** 2  # biased variance normalises, as in BatchNorm
+        with torch.no_grad():
+            n = x.shape[0] * common.get_world_size()
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class SwAV(nn.Module):
+    """Backbone -> projection head (Linear, BN, ReLU, Linear) -> L2-normalised z -> prototype scores z . c_k."""
+
+    def __init__(self, arch, hidden_mlp, feat_dim, n_prototypes):
+        super().__init__()
+        self.backbone, dim = build_backbone(arch)
+        self.projection_head = nn.Sequential(
+            nn.Linear(dim, hidden_mlp), GlobalBatchNorm1d(hidden_mlp), nn.ReLU(inplace=True),
+            nn.Linear(hidden_mlp, feat_dim)) if hidden_mlp else nn.Linear(dim, feat_dim)
+        self.prototypes = nn.Linear(feat_dim, n_prototypes, bias=False)  # rows c_k, unit norm (normalize_prototypes_)
+
+    def forward(self, crops):
+        """crops: list of V tensors (B, 3, H_v, W_v), large first -> z (V*B, D) and scores (V*B, K), fp32, crop-major
+        (rows v*B:(v+1)*B belong to crop v). Crops of equal resolution go through the backbone in one call."""
+        feats, start = [], 0
+        for _, group in itertools.groupby(crops, key=lambda x: x.shape[-1]):
+            end = start + len(list(group))
+            feats.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        z = F.normalize(self.projection_head(torch.cat(feats)).float(), dim=1)
+        with torch.autocast(z.device.type, enabled=False):  # scores feed exp(s / 0.05): keep them fp32
+            return z, self.prototypes(z)
+
+
+# --- Method ---
+@torch.no_grad()
+def sinkhorn(scores, eps=0.05, iters=3, world_size=1, all_reduce=None):
+    """Sec. 3.1 codes Q* = Diag(u) exp(C^T Z / eps) Diag(v), by Sinkhorn-Knopp as the official distributed_sinkhorn.
+    scores (b, K) of this process's b samples (queue rows included) -> soft codes (b, K), rows summing to 1.
+    all_reduce sums a tensor over processes in place (None when alone), so the equipartition is over the global
+    batch of B = b * world_size samples: every process gets the codes one process holding all of them would."""
+    all_reduce = all_reduce or (lambda t: t)
+    scores = scores.detach().float()  # fp32 under autocast too: exp(1 / 0.05) = 4.9e8 overflows fp16
+    # A shift common to all processes cancels in the first normalisation; the mean of the per-process maxima is one
+    # that a SUM all-reduce can give, and it keeps exp() from overflowing (pitfall: NaN codes from unnormalised z).
+    shift = all_reduce(scores.max().reshape(1)) / world_size
+    Q = torch.exp((scores - shift) / eps).t()  # (K, b)
+    K, B = Q.shape[0], Q.shape[1] * world_size
+    Q /= all_reduce(Q.sum().reshape(1))  # the global matrix sums to 1
+    for _ in range(iters):
+        Q /= all_reduce(Q.sum(dim=1, keepdim=True))  # rows: each prototype gets mass 1/K of the global batch
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)  # columns: each sample mass 1/B (a column lives on one process)
+        Q /= B
+    return (Q * B).t()
+
+
+def swav_loss(scores, crops_for_assign=(0, 1), temperature=0.1, eps=0.05, iters=3, queue_scores=None,
+              world_size=1, all_reduce=None):
+    """Eq. 1-2 over all crops (official main_swav): for each assignment crop i, codes q_i = sinkhorn(scores_i), every
+    other crop v predicts them, l = -mean_b sum_k q_i[k] log softmax(scores_v / tau)[k]; mean over the V - 1 crops,
+    then over the assignment crops. scores: list of V tensors (b, K), large crops first. queue_scores: one (L, K) per
+    assignment crop or None; its rows are prepended to the Sinkhorn problem and their codes dropped."""
+    b, n_crops = scores[0].shape[0], len(scores)
+    log_p = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]  # fp32
+    loss = 0.0
+    for j, i in enumerate(crops_for_assign):
+        s = scores[i] if queue_scores is None else torch.cat([queue_scores[j], scores[i]])
+        q = sinkhorn(s, eps, iters, world_size, all_reduce)[-b:]  # (b, K), no gradient
+        loss = loss + sum(-(q * log_p[v]).sum(1).mean() for v in range(n_crops) if v != i) / (n_crops - 1)
+    return loss / len(crops_for_assign)
+
+
+@torch.no_grad()
+def normalize_prototypes_(linear):
+    """Prototypes live on the unit sphere (scores are cosines): rows re-normalised before every forward."""
+    linear.weight.copy_(F.normalize(linear.weight, dim=1))
+
+
+def freeze_prototype_grads_(model, iteration, n_frozen):
+    """No prototype update during the first n_frozen iterations (official freeze_prototypes_niters)."""
+    if iteration < n_frozen:
+        for p in model.prototypes.parameters():
+            p.grad = None
+
+
+class SwAVQueue:
+    """Queue of past embeddings, one per assignment crop, on each process (official: L / world rows per process;
+    together the processes hold L rows). Newest rows first. Only enlarges the Sinkhorn problem: no gradient, no loss."""
+
+    def __init__(self, n_assign, length, dim, device=None):
+        self.embeddings = torch.zeros(n_assign, length, dim, device=device)  # (n_assign, L / world, D)
+        self.n_pushed = 0
+
+    @property
+    def full(self):  # official: used once the last row is non-zero
+        return self.n_pushed >= self.embeddings.shape[1]
+
+    @torch.no_grad()
+    def push(self, emb_list):
+        """emb_list: one (b, D) batch of embeddings per assignment crop; FIFO shift by b."""
+        b = emb_list[0].shape[0]
+        self.embeddings[:, b:] = self.embeddings[:, :-b].clone()
+        self.embeddings[:, :b] = torch.stack(emb_list).float()
+        self.n_pushed = min(self.n_pushed + b, self.embeddings.shape[1])
+
+    @torch.no_grad()
+    def scores(self, prototype_weight):
+        """Scores of the queued embeddings under the current prototypes: one (L / world, K) per assignment crop."""
+        return list(self.embeddings @ prototype_weight.float().t())
+
+    def state_dict(self):
+        return {"embeddings": self.embeddings.cpu(), "n_pushed": self.n_pushed}
+
+    def load_state_dict(self, state):
+        self.embeddings.copy_(state["embeddings"])
+        self.n_pushed = state["n_pushed"]
+
+
+def lr_schedule(base_lr, final_lr, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
+    """Official per-iteration schedule: linear warmup from start_warmup to base_lr, then cosine to final_lr."""
+    return common.cosine_schedule(base_lr, final_lr, epochs * iters_per_epoch, warmup_epochs * iters_per_epoch,
+                                  start_warmup)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum wrapped in apex LARC (clip=False), as in the official SwAV: for every tensor with non-zero
+    weight and gradient norms the update is (g + wd w) * trust ||w|| / (||g|| + wd ||w|| + eps) (else g, no weight
+    decay); applied to all tensors (biases, norms, prototypes); tensors without gradient (frozen) are skipped."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, trust_coefficient=0.001, eps=1e-8):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      trust_coefficient=trust_coefficient, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w_norm, g_norm = p.norm(), p.grad.norm()
+                local_lr = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                d = torch.where((w_norm > 0) & (g_norm > 0), (p.grad + wd * p) * local_lr, p.grad)  # no host sync
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+
+# --- Evaluation ---
+def _to_device(x, device):
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0):
+    """Frozen features (N, F) and labels (N,) in eval mode (BatchNorm statistics untouched). Every process embeds a
+    contiguous shard (the last index repeated to equal sizes), then all processes gather the whole set."""
+    rank, world, n = common.get_rank(), common.get_world_size(), len(dataset)
+    per = math.ceil(n / world)
+    shard = torch.utils.data.Subset(dataset, [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)])
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        with common.autocast(device, amp):
+            feats.append(backbone(_to_device(x, device)).float())
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return common.concat_all_gather(torch.cat(feats))[:n], common.concat_all_gather(torch.cat(labels))[:n]
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, val_f, val_y, n_classes, k=200, t=0.1):
+    """Weighted kNN (Wu et al. 2018; lightly's benchmarks): the k most cosine-similar training features vote for
+    their label with weight exp(sim / t). Top-1 in %."""
+    train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+    correct = 0
+    for f, y in zip(val_f.split(1024), val_y.split(1024)):
+        sim, idx = (f @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
+        votes = torch.zeros(len(f), n_classes, device=f.device).scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += (votes.argmax(1) == y).sum().item()
+    return 100.0 * correct / len(val_y)
+
+
+def linear_probe(train_f, train_y, val_f, val_y, n_classes, epochs=100, lr=0.3, batch_size=256, weight_decay=1e-6):
+    """eval_linear.py on frozen features: Linear init N(0, 0.01), bias 0, SGD momentum 0.9, wd 1e-6, batch 256,
+    cosine to 0. [inferred] Features are computed once without augmentation (the official probe re-crops every epoch)
+    and standardised with training statistics (its optional BatchNorm on the features, without affine), which keeps
+    lr 0.3 sound for any backbone. Only the linear layer is trained. Top-1 in %."""
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
+    clf = nn.Linear(train_f.shape[1], n_classes).to(train_f.device)
+    g = torch.Generator().manual_seed(0)  # own RNG: the probe does not move the training RNG
+    clf.weight.data.copy_(torch.randn(clf.weight.shape, generator=g) * 0.01)
+    clf.bias.data.zero_()
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(batch_size):
+                loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+    with torch.no_grad():
+        return 100.0 * (clf(val_f).argmax(1) == val_y).sum().item() / len(val_y)
+
+
+def evaluate(backbone, train_set, val_set, n_classes, args, device, amp):
+    """Linear probe top-1 (the paper's headline) and weighted kNN top-1, in %, on frozen backbone features."""
+    train_f, train_y = extract_features(backbone, train_set, device, amp, workers=args.workers)
+    val_f, val_y = extract_features(backbone, val_set, device, amp, workers=args.workers)
+    return {"linear_top1": linear_probe(train_f, train_y, val_f, val_y, n_classes, args.probe_epochs, args.probe_lr),
+            "knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, n_classes, args.knn_k, args.knn_t)}
+
+
+# --- Train ---
+def main(argv=None):
+    args = get_args(argv)
+    if args.tiny and "OMP_NUM_THREADS" not in os.environ:  # ops on 32-px crops are too small to gain from threads,
+        torch.set_num_threads(1)  # and on a busy machine spinning OpenMP threads made --tiny 10x slower (measured)
+    rank, world, device = common.setup_distributed()
+    amp = args.amp or common.default_amp(device)
+    global_batch = args.batch_size * world
+    if args.queue_length % global_batch:
+        ok = max(global_batch, args.queue_length - args.queue_length % global_batch)
+        raise SystemExit(f"error: --queue-length {args.queue_length} is not a multiple of the global batch "
+                         f"{global_batch} = {args.batch_size} x {world}; use e.g. {ok} (or 0 for no queue)")
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+
+    train_set, val_set, n_classes, resize = load_datasets(args)
+    common.seed_everything(args.seed)  # same initial model on every rank
+    model = SwAV(args.arch, args.hidden_mlp, args.feat_dim, args.nmb_prototypes).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:  # official: SyncBN, so the batch statistics are those of the global batch
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    common.seed_everything(args.seed + rank)
+
+    eval_sets = [Labelled(s, eval_transform(args.size_crops[0], resize)) for s in (train_set, val_set)]
+    run_eval = lambda: evaluate(model.backbone, *eval_sets, n_classes, args, device, amp)  # noqa: E731
+    init_metrics = run_eval() if args.tiny else {}
+
+    sampler = common.ResumableSampler(len(train_set), args.batch_size, seed=args.seed)
+    transform = multicrop_transform(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops)
+    loader = torch.utils.data.DataLoader(MultiCropDataset(train_set, transform), batch_size=args.batch_size,
+                                         sampler=sampler, num_workers=args.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    steps_per_epoch = sampler.steps_per_epoch
+    schedule = lr_schedule(args.lr, args.final_lr, args.epochs, steps_per_epoch, args.warmup_epochs, args.start_warmup)
+    total = args.epochs * steps_per_epoch
+    total = total if args.max_steps is None else min(args.max_steps, total)
+    optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, trust_coefficient=args.lars_trust)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    n_assign, n_crops = len(args.crops_for_assign), sum(args.nmb_crops)
+    new_queue = lambda: SwAVQueue(n_assign, args.queue_length // world, args.feat_dim, device)  # noqa: E731
+
+    step, queue = 0, None
+    if os.path.exists(ckpt_path):
+        state = common.load_checkpoint(ckpt_path, "swav")
+        common.load_state(model, state["model"], ckpt_path)
+        step = state["step"]
+        if not args.eval_only:
+            if len(state["rng"]) != world:
+                raise SystemExit(f"error: {ckpt_path} was written by {len(state['rng'])} processes, this run has "
+                                 f"{world}; resume with the same number or choose another --output-dir")
+            optimizer.load_state_dict(state["optimizer"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            if state["queue"][rank] is not None:
+                queue = new_queue()
+                queue.load_state_dict(state["queue"][rank])
+            common.set_rng_state(state["rng"][rank])
+        common.print0(f"resumed from {ckpt_path} at step {step}")
+    if args.eval_only:
+        total = step
+
+    train_model = torch.compile(model) if args.compile else model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    common.print0(f"swav | {args.arch} | global batch {global_batch} = {args.batch_size} x {world} | lr {args.lr:g} | "
+                  f"{len(train_set)} images, {n_classes} classes | crops {args.nmb_crops} x {args.size_crops} px | "
+                  f"K {args.nmb_prototypes} | queue {args.queue_length} from epoch {args.epoch_queue_starts} | "
+                  f"{steps_per_epoch} steps/epoch, {total} steps")
+
+    def check_finite(loss):
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: loss is {loss} at step {step}; the last good checkpoint in {args.output_dir} "
+                             "is untouched; lower --lr or use --amp none")
+
+    def save():
+        rng = common.gather_objects(common.rng_state())  # collectives: every rank calls them
+        queues = common.gather_objects(queue.state_dict() if queue is not None else None)
+        if rank == 0:
+            common.save_checkpoint(ckpt_path, {
+                "method": "swav", "args": vars(args), "model": model.state_dict(), "queue": queues,
+                "optimizer": optimizer.state_dict(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                "epoch": step // steps_per_epoch, "step": step, "rng": rng})
+
+    all_reduce = common.all_reduce_sum
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="swav")
+    t0, seen = time.time(), 0
+    while step < total:
+        epoch = step // steps_per_epoch
+        if queue is None and args.queue_length and epoch >= args.epoch_queue_starts:
+            queue = new_queue()  # Sec. 3.1: for small batches; started late, once the features have settled
+        sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
+        for crops in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule[step]
+            normalize_prototypes_(model.prototypes)
+            with common.autocast(device, amp):
+                z, scores = train_model([_to_device(c, device) for c in crops])
+            queue_scores = queue.scores(model.prototypes.weight) if queue is not None and queue.full else None
+            loss = swav_loss(list(scores.chunk(n_crops)), args.crops_for_assign, args.temperature, args.epsilon,
+                             args.sinkhorn_iterations, queue_scores, world, all_reduce)
+            if queue is not None:
+                queue.push([z.detach().chunk(n_crops)[i] for i in args.crops_for_assign])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            freeze_prototype_grads_(model, step, args.freeze_prototypes_niters)
+            scaler.step(optimizer)
+            scaler.update()
+            step, seen = step + 1, seen + global_batch
+            bar.update()
+            if step % args.log_every == 0 or step == total or step % steps_per_epoch == 0:
+                loss_v = (all_reduce(loss.detach().reshape(1).clone()) / world).item()  # global-batch mean
+                check_finite(loss_v)  # before anything is saved
+                common.log_jsonl(args.output_dir, {
+                    "step": step, "epoch": epoch, "loss": loss_v,
+                    "loss_minus_ln_k": loss_v - math.log(args.nmb_prototypes),  # stuck near 0 = collapse
+                    "queue_in_use": queue_scores is not None, "lr": schedule[step - 1],
+                    "samples_per_s": seen / (time.time() - t0)})
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                t0, seen = time.time(), 0
+            if step == total:
+                break
+        save()  # at every epoch end and when --max-steps stops the run
+    bar.close()
+
+    metrics = run_eval()  # every rank embeds a shard; only rank 0 writes
+    metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+    common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
+    common.print0("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Tests for swav.py: worked examples E1-E4 of the spec, properties, a --tiny run that learns, two processes equal
+one process holding the global batch, exact resume, and bad input."""
+import argparse
+import math
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import to_pil_image
+
+import common
+import swav
+from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run_script, run_torchrun
+
+T = torch.tensor
+
+
+# --- 1. Core functions: worked examples (numbers from the spec, numpy float64) and properties ---
+def test_sinkhorn_worked_examples():
+    e1 = torch.log(T([[3.0, 1.0], [1.0, 1.0]]))
+    assert torch.allclose(swav.sinkhorn(e1, eps=1.0, iters=1), T([[0.6, 0.4], [0.333333, 0.666667]]), atol=1e-6)
+    assert torch.allclose(swav.sinkhorn(e1, eps=1.0, iters=3), T([[0.633803, 0.366197], [0.365854, 0.634146]]), atol=1e-6)
+    r3 = 3 ** 0.5
+    assert torch.allclose(swav.sinkhorn(e1, eps=1.0, iters=30), T([[r3, 1.0], [1.0, r3]]) / (1 + r3), atol=1e-6)
+    e2 = T([[0.6, 0.4], [0.55, 0.45], [0.52, 0.48], [0.51, 0.49]])
+    q = swav.sinkhorn(e2)
+    assert torch.allclose(q, T([[0.909101, 0.090899], [0.575104, 0.424896], [0.289607, 0.710393],
+                                [0.214621, 0.785379]]), atol=1e-5)
+    assert torch.allclose(q.sum(0), T([1.988, 2.012]), atol=1e-3)  # prototype mass ~ B/K = 2 after 3 iterations
+    e3 = T([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7], [0.15, 0.85]])  # queue rows prepended, their codes dropped
+    q = swav.sinkhorn(torch.cat([e3, e2]))[-4:]
+    assert torch.allclose(q, T([[0.999943, 0.000057], [0.999576, 0.000424], [0.998593, 0.001407],
+                                [0.997903, 0.002097]]), atol=1e-5)
+
+
+def test_sinkhorn_properties():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(256, 3000, generator=g) * 2 - 1  # cosine scores, |s| <= 1
+    q = swav.sinkhorn(s)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(256), atol=1e-5)
+    assert torch.allclose(swav.sinkhorn(s + 0.7), q, atol=1e-6)  # a constant shift changes nothing
+    assert torch.isfinite(swav.sinkhorn(s * 5)).all()  # unnormalised: exp(5 / 0.05) overflows fp32 without the shift
+    assert torch.allclose(swav.sinkhorn(torch.zeros(8, 5)), torch.full((8, 5), 0.2))  # uniform -> uniform
+    q = swav.sinkhorn(torch.rand(12, 4, generator=g), iters=500)  # converged: prototype mass B/K
+    assert torch.allclose(q.sum(0), torch.full((4,), 3.0), atol=1e-4)
+    assert swav.sinkhorn(torch.rand(6, 4, generator=g, requires_grad=True)).grad_fn is None
+
+
+def _fake_ranks(fn, inputs):
+    """Run fn(x, all_reduce) on one thread per input with an in-place SUM all-reduce across threads."""
+    n, slots, out = len(inputs), [None] * len(inputs), [None] * len(inputs)
+    barrier = threading.Barrier(n)
+
+    def run(r):
+        def all_reduce(t):
+            slots[r] = t.clone()
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return t.copy_(total)
+        out[r] = fn(inputs[r], all_reduce)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return out
+
+
+def test_sinkhorn_two_ranks_equal_one_process_with_the_global_batch():
+    s = torch.rand(16, 10, generator=torch.Generator().manual_seed(1))
+    full = swav.sinkhorn(s)
+    halves = _fake_ranks(lambda x, ar: swav.sinkhorn(x, world_size=2, all_reduce=ar), list(s.chunk(2)))
+    assert torch.allclose(torch.cat(halves), full, atol=1e-6)
+    local = torch.cat([swav.sinkhorn(x) for x in s.chunk(2)])  # without the all-reduce: per-process equipartition
+    assert (local - full).abs().max() > 1e-3
+
+
+def test_swav_loss_worked_example_e4():
+    s0 = T([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.2, 0.8]])
+    s1 = T([[0.7, 0.3], [0.9, 0.1], [0.4, 0.6], [0.1, 0.9]])
+    s2 = T([[0.6, 0.4], [0.5, 0.5], [0.5, 0.5], [0.3, 0.7]])
+    q0, q1 = swav.sinkhorn(s0), swav.sinkhorn(s1)
+    assert torch.allclose(q0, T([[0.999991, 0.000009], [0.999536, 0.000464], [0.975283, 0.024717], [0., 1.]]), atol=1e-5)
+    assert torch.allclose(q1, T([[0.999647, 0.000353], [1., 0.], [0.017122, 0.982878], [0., 1.]]), atol=1e-5)
+    assert swav.swav_loss([s0, s1]).item() == pytest.approx(0.757229, abs=1e-5)
+    assert swav.swav_loss([s0, s1, s2]).item() == pytest.approx(0.570081, abs=1e-5)
+    assert swav.swav_loss([torch.zeros(8, 3000)] * 2).item() == pytest.approx(math.log(3000), abs=1e-5)  # collapse
+
+
+def test_swav_loss_gradient_and_queue():
+    g = torch.Generator().manual_seed(2)
+    s0, s1 = (F.normalize(torch.randn(6, 5, generator=g), dim=1).requires_grad_() for _ in range(2))
+    swav.swav_loss([s0, s1]).backward()  # codes are constants: d/ds0 = (softmax(s0 / tau) - q1) / (tau * b * 2)
+    q1 = swav.sinkhorn(s1)
+    assert torch.allclose(s0.grad, (F.softmax(s0 / 0.1, 1) - q1).detach() / (0.1 * 6 * 2), atol=1e-6)
+    queue = [torch.rand(10, 5, generator=g) for _ in range(2)]
+    loss = swav.swav_loss([s0, s1], queue_scores=queue)
+    q0, q1 = (swav.sinkhorn(torch.cat([qs, s]))[-6:] for qs, s in zip(queue, (s0, s1)))
+    ce = lambda q, s: -(q * F.log_softmax(s / 0.1, 1)).sum(1).mean()  # noqa: E731
+    assert loss.item() == pytest.approx(((ce(q0, s1) + ce(q1, s0)) / 2).item(), abs=1e-6)  # queue rows never in the loss
+
+
+def test_queue_fifo_and_scores():
+    q = swav.SwAVQueue(n_assign=2, length=4, dim=3)
+    batches = [[torch.full((2, 3), float(10 * i + j)) for j in range(2)] for i in range(3)]
+    q.push(batches[0])
+    assert not q.full
+    q.push(batches[1])
+    q.push(batches[2])
+    assert q.full and q.embeddings[0, :, 0].tolist() == [20, 20, 10, 10]  # newest first, oldest dropped
+    assert q.embeddings[1, :, 0].tolist() == [21, 21, 11, 11]
+    scores = q.scores(torch.eye(3))
+    assert len(scores) == 2 and scores[0].shape == (4, 3)
+    q2 = swav.SwAVQueue(2, 4, 3)
+    q2.load_state_dict(q.state_dict())
+    assert q2.full and torch.equal(q2.embeddings, q.embeddings)
+
+
+def test_prototypes_normalised_and_frozen():
+    model = swav.SwAV("small_cnn", 16, 8, 20)
+    swav.normalize_prototypes_(model.prototypes)
+    assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(20))
+    model.prototypes.weight.grad = torch.ones(20, 8)
+    swav.freeze_prototype_grads_(model, iteration=3, n_frozen=4)
+    assert model.prototypes.weight.grad is None
+    model.prototypes.weight.grad = torch.ones(20, 8)
+    swav.freeze_prototype_grads_(model, iteration=4, n_frozen=4)
+    assert model.prototypes.weight.grad is not None
+
+
+def test_lr_schedule():
+    lr = swav.lr_schedule(4.8, 0.0048, epochs=10, iters_per_epoch=5, warmup_epochs=2, start_warmup=0.3)
+    assert len(lr) == 50 and lr[0] == pytest.approx(0.3) and lr[10] == pytest.approx(4.8)
+    assert lr[-1] == pytest.approx(0.0048)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_lars_one_step_matches_the_larc_formula():
+    w, zero = torch.nn.Parameter(T([3.0, 4.0])), torch.nn.Parameter(T([0.0, 0.0]))
+    opt = swav.LARS([w, zero], lr=2.0, momentum=0.9, weight_decay=0.1, trust_coefficient=0.01)
+    w.grad, zero.grad = T([0.6, 0.8]), T([1.0, -1.0])
+    opt.step()
+    local = 0.01 * 5.0 / (1.0 + 0.1 * 5.0 + 1e-8)  # trust ||w|| / (||g|| + wd ||w|| + eps)
+    d = (T([0.6, 0.8]) + 0.1 * T([3.0, 4.0])) * local
+    assert torch.allclose(w.detach(), T([3.0, 4.0]) - 2.0 * d, atol=1e-7)
+    assert torch.allclose(zero.detach(), T([-2.0, 2.0]))  # zero weight norm: plain SGD, no weight decay
+    w_before = w.detach().clone()
+    w.grad, zero.grad = T([0.6, 0.8]), None  # a frozen tensor (no grad) is skipped
+    opt.step()
+    local2 = 0.01 * w_before.norm() / (1.0 + 0.1 * w_before.norm() + 1e-8)
+    d2 = (T([0.6, 0.8]) + 0.1 * w_before) * local2
+    assert torch.allclose(w.detach(), w_before - 2.0 * (0.9 * d + d2), atol=1e-6)
+    assert torch.allclose(zero.detach(), T([-2.0, 2.0]))
+
+
+def test_multicrop_is_seeded_and_shaped():
+    image = swav.SyntheticTextures(1, seed=0)[0][0]
+    t = swav.multicrop_transform((32, 16), (2, 3), (0.14, 0.05), (1.0, 0.14))
+    with common.seeded(5):
+        a = t(image)
+    with common.seeded(5):
+        b = t(image)
+    assert [c.shape[-1] for c in a] == [32, 32, 16, 16, 16] and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_linear_probe_never_changes_the_backbone():
+    torch.manual_seed(0)
+    model = swav.SwAV("resnet18", 32, 16, 10).train()  # BatchNorm: running statistics would move in train mode
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sets = [swav.Labelled(swav.SyntheticTextures(n, s), swav.eval_transform(32, False)) for n, s in ((40, 0), (20, 1))]
+    args = argparse.Namespace(workers=0, probe_epochs=3, probe_lr=0.3, knn_k=5, knn_t=0.1)
+    metrics = swav.evaluate(model.backbone, *sets, 10, args, torch.device("cpu"), "none")
+    assert set(metrics) == {"linear_top1", "knn_top1"} and model.training
+    assert_tensors_close(before, model.state_dict())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+
+
+# --- 2. --tiny learns ---
+def test_tiny_run_learns(tmp_path):
+    p = run_script("swav.py", "--tiny", "--output-dir", tmp_path, timeout=240, threads=1)
+    m = read_metrics(tmp_path)
+    print(p.stdout.splitlines()[-1])
+    assert list(m)[:2] == ["linear_top1", "knn_top1"]
+    assert m["knn_top1"] > m["knn_top1_init"] + 10, m
+    assert m["linear_top1"] > m["linear_top1_init"] + 5, m
+    log = read_log(tmp_path)
+    assert any(r.get("queue_in_use") for r in log) and "eval" in log[-1]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A small ImageFolder root of synthetic PNGs: train/ 8 and val/ 4 images of each of the 10 classes."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, per_class, seed in (("train", 8, 0), ("val", 4, 1)):
+        ds = swav.SyntheticTextures(200, seed)
+        for c in range(10):
+            os.makedirs(root / split / f"class{c}")
+            for i in (ds.labels == c).nonzero().flatten()[:per_class].tolist():
+                to_pil_image(ds[i][0]).save(root / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+# --- 3. two processes == one process holding the global batch ---
+def test_two_processes_match_one(tmp_path, image_folder):
+    flags = ["--tiny", "--data", image_folder, "--max-steps", "4", "--log-every", "1", "--queue-length", "64",
+             "--epoch-queue-starts", "0", "--freeze-prototypes-niters", "2"]  # 2 steps per epoch; queue used from step 3
+    run_script("swav.py", *flags, "--batch-size", "32", "--output-dir", tmp_path / "one", threads=1)
+    run_torchrun("swav.py", *flags, "--batch-size", "16", "--output-dir", tmp_path / "two", nproc=2)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    # Every loss uses codes of the global batch: the Sinkhorn all-reduce gives each process the one-process codes
+    # (test_sinkhorn_two_ranks_equal_one_process_with_the_global_batch shows that without it they differ by > 1e-3).
+    for a, b in zip(one[:4], two[:4]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+    assert one[3]["queue_in_use"] and two[3]["queue_in_use"]
+    c1, c2 = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    # LARS rescales every gradient to a fixed relative step, so the bias before the head's BatchNorm, whose exact
+    # gradient is zero, moves by rounding noise (and the running mean after it); every other tensor agrees to 1e-6.
+    noisy = ("projection_head.0.bias", "projection_head.1.running_mean")
+    assert_tensors_close(*({k: v for k, v in c["model"].items() if k not in noisy} for c in (c1, c2)), atol=1e-6)
+    # One process: rows [batch t (32), batch t-1 (32)]; process r holds rows r*16:(r+1)*16 of each batch.
+    q1 = c1["queue"][0]["embeddings"].view(2, 2, 2, 16, -1)  # (assign, batch, rank, row, D)
+    q2 = torch.stack([q["embeddings"].view(2, 2, 16, -1) for q in c2["queue"]], 2)
+    assert_tensors_close(q1, q2, atol=1e-5)
+
+
+# --- 4. resume is exact ---
+def test_resume_is_exact(tmp_path, image_folder):
+    # 5 steps per epoch; the queue is created at step 5 and full after step 7, where the run is interrupted mid-epoch
+    flags = ["--tiny", "--data", image_folder, "--epochs", "3", "--batch-size", "16", "--queue-length", "32",
+             "--epoch-queue-starts", "1", "--freeze-prototypes-niters", "3"]
+    swav.main([*map(str, flags), "--max-steps", "14", "--output-dir", str(tmp_path / "once")])
+    swav.main([*map(str, flags), "--max-steps", "7", "--output-dir", str(tmp_path / "twice")])
+    assert load_ckpt(tmp_path / "twice")["queue"][0]["n_pushed"] == 32  # the queue is full at the interruption
+    swav.main([*map(str, flags), "--max-steps", "14", "--output-dir", str(tmp_path / "twice")])
+    a, b = load_ckpt(tmp_path / "once"), load_ckpt(tmp_path / "twice")
+    assert a["step"] == b["step"] == 14
+    for key in ("model", "optimizer", "queue"):
+        assert_tensors_close(a[key], b[key], path=key)
+    assert read_metrics(tmp_path / "once") == read_metrics(tmp_path / "twice")
+
+
+# --- 5. bad input ---
+def _error(argv):
+    with pytest.raises(SystemExit) as e:
+        swav.main([str(a) for a in argv])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_bad_input(tmp_path, image_folder):
+    out = ["--output-dir", tmp_path / "run"]
+    assert "is not a folder" in _error(["--tiny", "--data", tmp_path / "missing", *out])
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    assert "cannot read" in _error(["--tiny", "--data", tmp_path / "empty", *out])
+    (tmp_path / "neither").mkdir()
+    assert "neither train/ and val/" in _error(["--tiny", "--data", tmp_path / "neither", *out])
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)
+    assert "cannot read" in _error(["--tiny", "--data", tmp_path / "cifar", *out])
+    assert "multiple of the global batch" in _error(["--tiny", "--queue-length", "100", *out])
+    assert "same length" in _error(["--tiny", "--nmb-crops", "2", "2", "2", *out])
+
+    other = tmp_path / "other"
+    other.mkdir()
+    torch.save({"method": "dcl"}, other / "checkpoint.pt")
+    assert "not 'swav'" in _error(["--tiny", "--output-dir", other])
+
+    good = ["--tiny", "--data", image_folder, "--batch-size", "16", "--output-dir", tmp_path / "good"]
+    swav.main([str(a) for a in good + ["--max-steps", "2"]])
+    ckpt = tmp_path / "good" / "checkpoint.pt"
+    saved = ckpt.read_bytes()
+    assert "does not fit" in _error([*good, "--nmb-prototypes", "50"])
+    p = run_script("swav.py", *good, "--max-steps", "4", "--lr", "1e38", check=False)  # real exit code
+    assert p.returncode != 0 and "error: loss is nan" in p.stdout, p.stdout[-2000:]
+    assert ckpt.read_bytes() == saved
