@@ -1,0 +1,525 @@
+"""Decoupled Contrastive Learning.
+Chun-Hsiao Yeh, Cheng-Yao Hong, Yen-Chi Hsu, Tyng-Luh Liu, Yubei Chen, Yann LeCun. ECCV 2022. arXiv 2110.06848.
+
+DCL is SimCLR's NT-Xent with the positive pair removed from the denominator. That removes the
+negative-positive-coupling factor from the gradient, so learning no longer needs large batches, a momentum encoder
+or long schedules. DCLW also weights the positive term with a negative von Mises-Fisher weight that emphasises
+hard positives. Everything else is SimCLR: two augmented views, a ResNet, a 2-layer MLP projector, LARS, and
+negatives from the whole (global) batch. `--loss ntxent` trains the SimCLR baseline of the paper's ablation.
+
+Implemented here: Eq. 6 (the DCL loss) in `dcl_loss`; the DCLW weight w_i = 2 - N softmax_j(<z_j1, z_j2>/sigma)_i in
+`vmf_weights` and `dclw_loss`; SimCLR's NT-Xent in `nt_xent_loss`. Every loss is the mean over the 2N anchors
+(both directions), normalises its inputs and takes one log-sum-exp over the negatives of both views. Training:
+SimCLR's LARS, lr 0.075 * sqrt(global batch), weight decay 1e-6, 10 warmup epochs then cosine. Evaluation:
+weighted kNN (k=200, t=0.1) and a linear probe, both on frozen backbone features.
+
+  python dcl.py --tiny                                                          # CPU smoke run
+  python dcl.py --data ~/data/cifar10 --arch resnet18 --batch-size 256          # one GPU, CIFAR-10
+  torchrun --nproc_per_node=8 dcl.py --data /data/imagenet --batch-size 32      # paper: ResNet-50, batch 256, 200 ep
+  torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
+      dcl.py --data /data/imagenet --batch-size 16
+"""
+import argparse
+import functools
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+# --- Arguments ---
+TINY = dict(epochs=5, batch_size=32, lr=0.18, warmup_epochs=1, workers=0, log_every=16, arch="cnn", image_size=32,
+            proj_dim=32, probe_epochs=30)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="DCL / DCLW in SimCLR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic', an ImageFolder root with train/ and val/, "
+                   "or a folder holding cifar-10-batches-py or cifar-100-python (never downloaded)")
+    p.add_argument("--output-dir", default="runs/dcl")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=256, help="per process; the paper's headline: 256 in all")
+    p.add_argument("--lr", type=float, default=0.075, help="LARS lr = lr * sqrt(global batch) (SimCLR App. B.1, "
+                   "its rule for small batches) [inferred]")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="on weights only, as SimCLR's LARS")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the checkpoint in --output-dir (or the untrained model)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps; 0 = evaluate the untrained model")
+    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data: CPU smoke run")
+    p.add_argument("--log-every", type=int, default=50)
+    m = p.add_argument_group("method")
+    m.add_argument("--loss", choices=["dcl", "dclw", "ntxent"], default="dcl",
+                   help="L_DC (Eq. 6), its vMF-weighted L_DCW, or SimCLR's NT-Xent (the paper's baseline)")
+    m.add_argument("--temperature", type=float, default=0.1, help="tau in Eq. 6 [lib: lightly, raminnakhli]")
+    m.add_argument("--sigma", type=float, default=0.5, help="sigma of the DCLW vMF weight [lib]")
+    m.add_argument("--arch", choices=["resnet50", "resnet18", "cnn"], default="resnet50",
+                   help="backbone f: the paper's ResNet-50, ResNet-18 (CIFAR), or a 4-layer CNN (--tiny)")
+    m.add_argument("--image-size", type=int, default=None, help="crop size; default 224 for ImageFolder, 32 for "
+                   "CIFAR and synthetic; <= 64 uses SimCLR's CIFAR variant (3x3 stem, no max-pool, no blur)")
+    m.add_argument("--proj-dim", type=int, default=128, help="output of SimCLR's 2-layer projection head g")
+    m.add_argument("--momentum", type=float, default=0.9, help="LARS momentum (SimCLR)")
+    m.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient eta (SimCLR)")
+    m.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup before the cosine decay (SimCLR)")
+    m.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN evaluation [lib: lightly]")
+    m.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights [lib]")
+    m.add_argument("--probe-epochs", type=int, default=100,
+                   help="linear probe epochs on frozen features [lib: raminnakhli]")
+    m.add_argument("--probe-lr", type=float, default=0.1, help="linear probe SGD lr (standardised features) [inferred]")
+    args = p.parse_args(argv)
+    if args.tiny:  # tiny values only where the user kept the default
+        for k, v in TINY.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    if args.temperature <= 0 or args.sigma <= 0:
+        raise SystemExit("error: --temperature and --sigma must be positive")
+    return args
+
+
+# --- Data ---
+SHAPES = ("disk", "square")
+TEXTURES = ("plain", "stripes", "checks", "dots", "rings")
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """10 classes = 5 textures x 2 shapes, 32 px. Tint, brightness, position, size, rotation, texture frequency and
+    phase, and pixel noise are random per image, so only texture and shape name the class: they survive SimCLR's
+    crops and colour distortion, the nuisances do not. Colours are weakly saturated and the shape is always the
+    lighter part: with strong random colours or contrasts a short run learns those (they identify the image under
+    the CIFAR-strength jitter) and no texture at all. Returns (uint8 image (3, S, S), label)."""
+    classes = [f"{t} {s}" for t in TEXTURES for s in SHAPES]
+
+    def __init__(self, n, seed, size=32):
+        rng = np.random.default_rng(seed)
+        self.labels = rng.integers(0, len(self.classes), n)
+        self.images = torch.cat([self.draw(rng, y, size) for y in np.split(self.labels, range(2048, n, 2048))])
+
+    @staticmethod
+    def draw(rng, labels, size):
+        n, texture, square = len(labels), labels // len(SHAPES), labels % len(SHAPES) == 1
+        c = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+        yy, xx = np.meshgrid(c, c, indexing="ij")  # pixel centres in [-0.5, 0.5]
+        x0, y0, r, a, f = (rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
+                           for lo, hi in ((-0.12, 0.12), (-0.12, 0.12), (0.26, 0.4), (0, 2 * np.pi), (5, 6)))
+        x, y = xx - x0, yy - y0  # (n, S, S) centred on the shape
+        u, v = x * np.cos(a) + y * np.sin(a), y * np.cos(a) - x * np.sin(a)  # the shape's rotated frame
+        inside = np.where(square[:, None, None], 0.8 * r - np.maximum(abs(u), abs(v)), r - np.hypot(u, v))
+        w = 2 * np.pi * f  # axis-aligned textures, 5-6 periods per image
+        sx, sy = np.sin(w * x) > 0, np.sin(w * y) > 0
+        on = np.stack([np.ones_like(sx), sx, sx ^ sy, np.cos(w * x) + np.cos(w * y) < 0.6,
+                       np.sin(w * np.hypot(x, y)) > 0], 1)[np.arange(n), texture]
+        tint = rng.uniform(-0.15, 0.15, (2, n, 3, 1, 1)).astype(np.float32)
+        fg = rng.uniform(0.75, 0.95, (n, 1, 1, 1)).astype(np.float32) + tint[0]  # the shape is the lighter part
+        bg = rng.uniform(0.25, 0.45, (n, 1, 1, 1)).astype(np.float32) + tint[1]
+        shade = np.where(on & (inside > 0.05), 1.0, 0.25).astype(np.float32)[:, None]  # texture, dark outline
+        noise = rng.normal(0, 0.08, (n, 3, size, size)).astype(np.float32)
+        img = np.where(inside[:, None] >= 0, fg * shade, bg) + noise
+        return torch.from_numpy((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def load_datasets(args):
+    """(train, val, classes, default image size): unaugmented datasets of (image, label)."""
+    if args.data == "synthetic":
+        n_train, n_val = (2048, 512) if args.tiny else (20000, 4000)
+        return SyntheticShapes(n_train, seed=0), SyntheticShapes(n_val, seed=1), len(SyntheticShapes.classes), 32
+    root = os.path.expanduser(args.data)
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data {args.data} is not a folder; pass 'synthetic', an ImageFolder root with "
+                         "train/ and val/, or the folder holding cifar-10-batches-py or cifar-100-python")
+    for sub, cls in (("cifar-10-batches-py", torchvision.datasets.CIFAR10),
+                     ("cifar-100-python", torchvision.datasets.CIFAR100)):
+        if os.path.isdir(os.path.join(root, sub)):
+            try:
+                train, val = (cls(root, train=t, download=False) for t in (True, False))
+            except RuntimeError:
+                raise SystemExit(f"error: cannot read {os.path.join(root, sub)}: files missing or corrupted; extract "
+                                 "the python version of the CIFAR archive there") from None
+            return train, val, len(train.classes), 32
+    if not all(os.path.isdir(os.path.join(root, s)) for s in ("train", "val")):
+        raise SystemExit(f"error: {root} holds neither train/ and val/ (ImageFolder) nor cifar-10-batches-py "
+                         "or cifar-100-python; point --data at such a folder")
+    try:
+        train, val = (torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "val"))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: cannot read --data {root}: {str(e).splitlines()[0]}") from None
+    if train.classes != val.classes:
+        raise SystemExit(f"error: {root}/train and {root}/val have different class folders; make them the same")
+    return train, val, len(train.classes), 224
+
+
+def simclr_transform(size):
+    """SimCLR's augmentations (Chen et al. 2020, App. A): crop 0.08-1, flip, colour jitter (strength 1; 0.5 for
+    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it)."""
+    s = 1.0 if size > 64 else 0.5
+    blur = [v2.RandomApply([v2.GaussianBlur(size // 20 * 2 + 1, (0.1, 2.0))], p=0.5)] if size > 64 else []
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(),
+                       v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                       v2.RandomGrayscale(p=0.2), *blur, *_to_float()])
+
+
+def eval_transform(size):
+    resize = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)] if size > 64 else [
+        v2.Resize(size, antialias=True)]
+    return v2.Compose([v2.ToImage(), *resize, *_to_float()])
+
+
+def _to_float():
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            v2.ToPureTensor()]
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """(index, sample_seed) from common.ResumableSampler -> two augmented views; seeding makes them depend on
+    (seed, epoch, index) only, so resume is exact and two processes see the one-process global batch."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        index, sample_seed = key
+        image = self.base[index][0]
+        with common.seeded(sample_seed):
+            return self.transform(image), self.transform(image)
+
+
+class Labelled(torch.utils.data.Dataset):
+    """index -> (eval-transformed image, label) for the kNN memory bank and the linear probe."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self.transform(image), label
+
+
+# --- Model ---
+class SmallCNN(nn.Module):
+    """--tiny backbone: four 3x3 conv-BN-ReLU layers (32 -> 4 px) and global average pooling."""
+
+    def __init__(self, widths=(32, 64, 64, 128)):
+        super().__init__()
+        layers, c = [], 3
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c = w
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.dim = c
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def build_backbone(arch, image_size):
+    """SimCLR's encoder f: a randomly initialised torchvision ResNet without its classifier, or the small CNN."""
+    if arch == "cnn":
+        return SmallCNN()
+    net = getattr(torchvision.models, arch)(weights=None)
+    if image_size <= 64:  # SimCLR App. B.9 (CIFAR): a 3x3 stride-1 first conv and no max-pool keep small images' detail
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.dim, net.fc = net.fc.in_features, nn.Identity()
+    return net
+
+
+class SimCLR(nn.Module):
+    """Encoder f and projection head g = Linear-BN-ReLU-Linear (SimCLR; lightly's head: hidden width = f's width).
+    The loss sees z = g(f(x)); evaluation uses the representation f(x)."""
+
+    def __init__(self, arch, image_size, proj_dim):
+        super().__init__()
+        self.backbone = build_backbone(arch, image_size)
+        d = self.backbone.dim
+        self.head = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
+                                  nn.Linear(d, proj_dim))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+# --- Method ---
+def _contrastive_loss(z1, z2, temperature, weight_fn=None, keep_positive=False, gather=False):
+    """Shared by DCL (positive removed from the denominator) and NT-Xent (kept). Anchors are the local 2n embeddings
+    of both views; with gather=True the candidates are the global batch of all processes (gradients flow back) and
+    the anchor's own columns are offset by rank * n."""
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # fp32: log-sum-exp below
+    n = z1.shape[0]
+    g1, g2 = (common.all_gather_with_grad(z1), common.all_gather_with_grad(z2)) if gather else (z1, z2)
+    m, offset = g1.shape[0], common.get_rank() * n if gather else 0
+    logits = torch.cat([z1, z2]) @ torch.cat([g1, g2]).T / temperature  # (2n, 2m): anchors of k = 1, 2 x all images
+    rows = torch.arange(2 * n, device=z1.device)
+    i = torch.arange(n, device=z1.device) + offset
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[rows, torch.cat([i, m + i])] = True  # the anchor itself
+    if not keep_positive:
+        mask[rows, torch.cat([m + i, i])] = True  # Eq. 6: its positive, the other view of the same image
+    log_denominator = logits.masked_fill(mask, float("-inf")).logsumexp(1)  # (2n,) one sum over both views
+    pos = (z1 * z2).sum(1) / temperature  # (n,) <z_i^(1), z_i^(2)> / tau
+    if weight_fn is not None:  # weights see the whole global batch, as one process would
+        pos = weight_fn(g1, g2)[offset:offset + n] * pos
+    return (log_denominator - pos.repeat(2)).mean()  # mean over the 2n anchors (lightly's convention)
+
+
+def dcl_loss(z1, z2, temperature=0.1, weight_fn=None, gather=False):
+    """Eq. 6: L_i^(k) = -<z_i^(1), z_i^(2)>/tau + log sum_{l in {1,2}, j != i} exp(<z_i^(k), z_j^(l)>/tau), averaged
+    over i and k. z1, z2: (n, D), any scale. weight_fn(z1, z2) -> (n,) multiplies the positive term (DCLW)."""
+    return _contrastive_loss(z1, z2, temperature, weight_fn, keep_positive=False, gather=gather)
+
+
+@torch.no_grad()
+def vmf_weights(z1, z2, sigma=0.5):
+    """DCLW: w_i = 2 - exp(<z_i1, z_i2>/sigma) / mean_j exp(<z_j1, z_j2>/sigma) = 2 - N softmax(...)_i, a negative
+    von Mises-Fisher weight: mean 1, hard positives (low similarity) up to 2, easy ones below 1 (even < 0).
+    Detached (lightly #793; the paper does not say). (n,)"""
+    s = (F.normalize(z1.float(), dim=1) * F.normalize(z2.float(), dim=1)).sum(1) / sigma
+    return 2 - z1.shape[0] * torch.softmax(s, 0)
+
+
+def dclw_loss(z1, z2, temperature=0.1, sigma=0.5, gather=False):
+    """L_DCW: Eq. 6 with the positive term weighted by vmf_weights."""
+    return dcl_loss(z1, z2, temperature, functools.partial(vmf_weights, sigma=sigma), gather)
+
+
+def nt_xent_loss(z1, z2, temperature, gather=False):
+    """SimCLR's NT-Xent: the positive stays in the denominator (the coupled baseline DCL removes it from)."""
+    return _contrastive_loss(z1, z2, temperature, keep_positive=True, gather=gather)
+
+
+LOSSES = {"dcl": dcl_loss, "dclw": dclw_loss, "ntxent": nt_xent_loss}
+
+
+# --- Evaluation ---
+def _to_device(x, device):
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, device, amp):
+    """Frozen features (N, F) and labels (N,), in eval mode (BatchNorm statistics untouched)."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        with common.autocast(device, amp):
+            feats.append(backbone(_to_device(x, device)).float())
+        labels.append(y.to(device))
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1):
+    """Weighted kNN (Wu et al. 2018, as in lightly's benchmarks): the k most cosine-similar memory features vote for
+    their label with weight exp(sim / t). feats (B, F), bank (M, F), both L2-normalised -> (B,) predictions."""
+    preds = []
+    for chunk in feats.split(1024):
+        sim, idx = (chunk @ bank.T).topk(min(k, bank.shape[0]), dim=1)  # (b, k)
+        votes = torch.zeros(chunk.shape[0], classes, device=feats.device)
+        preds.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()).argmax(1))
+    return torch.cat(preds)
+
+
+def linear_probe(train_f, train_y, val_f, val_y, classes, epochs, lr, batch_size=256):
+    """A linear classifier on frozen, standardised features (SGD, momentum 0.9, cosine); val top-1 in %. Features are
+    cached once, without augmentation [inferred: SimCLR's probe trains 90 epochs on augmented crops; this takes
+    seconds]."""
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    with common.seeded(0):  # the same probe for the same features, whatever the training consumed
+        clf = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
+    steps = epochs * math.ceil(len(train_f) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(0)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for idx in torch.randperm(len(train_f), generator=g).split(batch_size):
+                idx = idx.to(train_f.device)
+                loss = F.cross_entropy(clf((train_f[idx] - mean) / std), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    with torch.no_grad():
+        return 100.0 * (clf((val_f - mean) / std).argmax(1) == val_y).float().mean().item()
+
+
+def evaluate(backbone, memory_loader, val_loader, classes, args, device, amp):
+    """Linear probe top-1 (the paper's headline) and weighted kNN top-1, both in %, on the frozen backbone."""
+    train_f, train_y = extract_features(backbone, memory_loader, device, amp)
+    val_f, val_y = extract_features(backbone, val_loader, device, amp)
+    pred = knn_predict(F.normalize(val_f, dim=1), F.normalize(train_f, dim=1), train_y, classes, args.knn_k, args.knn_t)
+    return {"linear_top1": linear_probe(train_f, train_y, val_f, val_y, classes, args.probe_epochs, args.probe_lr),
+            "knn_top1": 100.0 * (pred == val_y).float().mean().item()}
+
+
+# --- Train ---
+class LARS(torch.optim.Optimizer):
+    """SimCLR's optimizer (You et al. 2017): SGD with momentum where each weight tensor's step is rescaled by the
+    trust ratio eta * ||w|| / ||g + wd * w||. Groups with eta=None (biases, BatchNorm) get plain momentum SGD and
+    no weight decay, as in SimCLR. Multi-tensor (foreach) updates, no host synchronisation."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["eta"] is not None:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm, g_norm = torch._foreach_norm(params), torch._foreach_norm(grads)
+                torch._foreach_mul_(grads, [torch.where((w > 0) & (g > 0), group["eta"] * w / g, 1.0)
+                                            for w, g in zip(w_norm, g_norm)])
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def main(argv=None):
+    args = get_args(argv)
+    rank, world, device = common.setup_distributed()
+    amp = args.amp or common.default_amp(device)
+    if args.batch_size * world < 2:
+        raise SystemExit("error: DCL needs at least 2 images in the global batch for negatives; raise --batch-size")
+    os.makedirs(args.output_dir, exist_ok=True)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
+
+    train_set, val_set, classes, native_size = load_datasets(args)
+    size = args.image_size or native_size
+    sampler = common.ResumableSampler(len(train_set), args.batch_size, seed=args.seed)
+    state = common.load_checkpoint(ckpt_path, "dcl") if os.path.exists(ckpt_path) else None
+    common.seed_everything(args.seed)  # the same initial model on every rank
+    model = SimCLR(args.arch, size, args.proj_dim).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        if world > 1:  # SimCLR's global BN; on CPU (gloo) BatchNorm statistics stay per process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    common.seed_everything(args.seed + rank)
+
+    eval_kw = dict(batch_size=max(args.batch_size, 256), num_workers=args.workers, pin_memory=device.type == "cuda")
+    memory_loader = torch.utils.data.DataLoader(Labelled(train_set, eval_transform(size)), **eval_kw)
+    val_loader = torch.utils.data.DataLoader(Labelled(val_set, eval_transform(size)), **eval_kw)
+    run_eval = functools.partial(evaluate, memory_loader=memory_loader, val_loader=val_loader, classes=classes,
+                                 args=args, device=device, amp=amp)
+    step, init_metrics = 0, {}
+    if state is not None:
+        common.load_state(model, state["model"], ckpt_path)
+        step, init_metrics = state["step"], state["metrics_init"]
+        common.print0(f"loaded {ckpt_path} (step {step})")
+    elif args.tiny and rank == 0:  # the random-initialisation baseline, printed beside the trained numbers
+        init_metrics = run_eval(model.backbone)
+
+    global_batch = args.batch_size * world
+    lr = args.lr * math.sqrt(global_batch)
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    others = [p for p in model.parameters() if p.ndim <= 1]  # biases and BatchNorm: no weight decay, no trust ratio
+    optimizer = LARS([{"params": weights}, {"params": others, "weight_decay": 0.0, "eta": None}], lr=lr,
+                     momentum=args.momentum, weight_decay=args.weight_decay, eta=args.lars_eta)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    if state is not None and not args.eval_only:
+        optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        if rank < len(state["rng"]):
+            common.set_rng_state(state["rng"][rank])
+    loader = torch.utils.data.DataLoader(TwoViews(train_set, simclr_transform(size)), batch_size=args.batch_size,
+                                         sampler=sampler, num_workers=args.workers, drop_last=True,
+                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    steps_per_epoch = sampler.steps_per_epoch
+    schedule = common.cosine_schedule(lr, 0.0, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
+    total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, len(schedule))
+    if args.eval_only:
+        total = step
+
+    train_model = torch.compile(model) if args.compile else model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_kw = {"sigma": args.sigma} if args.loss == "dclw" else {}
+    common.print0(f"{args.loss} | {args.arch} | global batch {global_batch} = {args.batch_size} x {world} | "
+                  f"lr {lr:.4g} | {len(train_set)} images, {classes} classes, {size} px | "
+                  f"{steps_per_epoch} steps/epoch, {total} steps")
+
+    def save():
+        rng = common.gather_objects(common.rng_state())  # a collective: every rank calls it
+        if rank == 0:
+            common.save_checkpoint(ckpt_path, {
+                "method": "dcl", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                "epoch": step // steps_per_epoch, "step": step, "rng": rng, "metrics_init": init_metrics})
+
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="dcl")
+    t0, seen = time.time(), 0
+    while step < total:
+        epoch = step // steps_per_epoch
+        sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
+        for x1, x2 in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule[step]
+            with common.autocast(device, amp):  # both views in one pass: BatchNorm sees the 2B images (SimCLR)
+                z1, z2 = train_model(torch.cat([_to_device(x1, device), _to_device(x2, device)])).chunk(2)
+            loss = LOSSES[args.loss](z1, z2, args.temperature, gather=True, **loss_kw)  # fp32 inside
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step, seen = step + 1, seen + global_batch
+            bar.update()
+            if step % args.log_every == 0 or step == total or step % steps_per_epoch == 0:  # also before every save
+                with torch.no_grad():  # global-batch means of the loss and of the positives' cosine (alignment)
+                    stats = torch.stack([loss.detach(), F.cosine_similarity(z1.float(), z2.float()).mean()])
+                    loss_v, pos_v = (common.all_reduce_sum(stats) / world).tolist()
+                if not math.isfinite(loss_v):
+                    raise SystemExit(f"error: loss is {loss_v} at step {step}; the last good checkpoint in "
+                                     f"{args.output_dir} is untouched; lower --lr or use --amp none")
+                common.log_jsonl(args.output_dir, {"step": step, "epoch": epoch, "loss": loss_v, "pos_cos": pos_v,
+                                                   "lr": schedule[step - 1],
+                                                   "samples_per_s": seen / (time.time() - t0)})
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                t0, seen = time.time(), 0
+            if step == total:
+                break
+        save()  # at every epoch end and when --max-steps stops the run
+    bar.close()
+
+    if rank == 0:  # evaluation has no collectives; the other ranks just finish
+        metrics = run_eval(model.backbone)
+        metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+        common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+        common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
+        print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    common.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
