@@ -99,7 +99,7 @@ def get_args(argv=None):
     m.add_argument("--mlm-prob", type=float, default=0.1, help="SoDa rate: probability a token is selected")
     m.add_argument("--soda-mode", choices=["paper", "official"], default="paper",
                    help="paper: the 4 operators in turn; official: the released code, where only DM (every 4th "
-                   "step) changes the input [inferred default, spec section 5]")
+                   "step) changes the input [inferred default]")
     m.add_argument("--intra", action="store_true", help="add the intra-modal terms (paper; off in run_cocosoda.sh)")
     m.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     m.add_argument("--eval-steps", type=int, default=1000,

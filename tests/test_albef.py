@@ -1,4 +1,4 @@
-"""Tests for albef.py: the spec's worked examples and properties, a --tiny run that learns, two processes vs one
+"""Tests for albef.py: hand-computed worked examples and properties, a --tiny run that learns, two processes vs one
 process holding the same global batch, exact resume, and bad input."""
 import json
 import os
@@ -14,7 +14,7 @@ from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run
 T = torch.tensor
 
 
-# --- 1. Core functions: worked examples (numbers typed in from the spec) and properties ---
+# --- 1. Core functions: worked examples (numbers computed by hand in float64) and properties ---
 def test_itc_worked_examples():
     s_i2t, s_t2i = T([[2.0, 0.0, 1.0], [0.0, 2.0, 1.0]]), T([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]])
     hard = torch.eye(2, 3)

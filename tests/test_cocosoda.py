@@ -1,4 +1,4 @@
-"""Tests for cocosoda.py: worked examples of the spec, a --tiny run that learns, two processes = one process,
+"""Tests for cocosoda.py: hand-computed worked examples, a --tiny run that learns, two processes = one process,
 exact resume, bad input. Mechanics tests use a small CodeSearchNet-format folder written here (fast, and it
 exercises the real-data reader); only the --tiny run builds the standard-library corpus."""
 import json

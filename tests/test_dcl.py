@@ -1,4 +1,4 @@
-"""Tests for dcl.py: the spec's worked examples E5a-E5c, loss properties, the loss across two processes, LARS,
+"""Tests for dcl.py: hand-computed worked examples E5a-E5c, loss properties, the loss across two processes, LARS,
 the evaluation leaving the backbone untouched, a --tiny run that learns, torchrun vs one process, exact resume
 and bad input."""
 import math

@@ -1,5 +1,5 @@
-"""Tests for esimcse.py: the spec's worked examples, a --tiny run that learns, torchrun == one process, exact resume,
-bad input. Fixture files are written here; nothing is downloaded and ../shared is never read."""
+"""Tests for esimcse.py: hand-computed worked examples, a --tiny run that learns, torchrun == one process, exact resume,
+bad input. Fixture files are written here; nothing is downloaded."""
 import math
 import os
 import random

@@ -1,4 +1,4 @@
-"""Tests for msd.py: the spec's worked examples, the accumulation window (A micro-batches = one batch of A*b), a --tiny
+"""Tests for msd.py: hand-computed worked examples, the accumulation window (A micro-batches = one batch of A*b), a --tiny
 run that learns, two processes = one process on the same global batch, exact resume, real-format data, bad input."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Tests for swav.py: worked examples E1-E4 of the spec, properties, a --tiny run that learns, two processes equal
+"""Tests for swav.py: hand-computed worked examples E1-E4, properties, a --tiny run that learns, two processes equal
 one process holding the global batch, exact resume, and bad input."""
 import argparse
 import math
@@ -17,7 +17,7 @@ from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run
 T = torch.tensor
 
 
-# --- 1. Core functions: worked examples (numbers from the spec, numpy float64) and properties ---
+# --- 1. Core functions: worked examples (numbers computed in numpy float64) and properties ---
 def test_sinkhorn_worked_examples():
     e1 = torch.log(T([[3.0, 1.0], [1.0, 1.0]]))
     assert torch.allclose(swav.sinkhorn(e1, eps=1.0, iters=1), T([[0.6, 0.4], [0.333333, 0.666667]]), atol=1e-6)
