@@ -94,9 +94,19 @@ def gather_objects(obj):
     return out
 
 def unwrap(model):
-    """The plain module behind DDP and torch.compile."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    """The plain module behind DDP and torch.compile (in either order)."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = model._orig_mod if hasattr(model, "_orig_mod") else model.module
+    return model
+
+def distribute(model, device, backend=None):
+    """The module to train: DDP when there is more than one process, then torch.compile(backend) when a
+    backend is given. DDP first, then compile: the documented order, which keeps DDP's bucketed
+    all-reduce overlapping the backward pass."""
+    if get_world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model, backend=backend) if backend else model
 
 # --- Momentum (EMA) model ---
 def momentum_copy(model):
@@ -207,23 +217,45 @@ def set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
-def save_checkpoint(path, state):
-    """Atomic: write a temporary file beside `path`, then rename, so a crash never leaves half a file."""
+# --- Checkpoints: one protocol for every main ---
+def _write_atomic(path, state):
+    """Write a temporary file beside `path`, then rename: a crash never leaves half a file, and a failed
+    write (full disk) removes its temporary file and leaves the last good checkpoint untouched."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-def load_state(module, state_dict, path):
-    """module.load_state_dict with a one-line error when the checkpoint's shapes do not fit the model."""
     try:
-        module.load_state_dict(state_dict)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e).strip() else str(e)
-        raise SystemExit(f"error: {path} does not fit this model ({first}); use the flags it was "
-                         "trained with or another --output-dir") from None
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # full disk, lost mount, an object that cannot be pickled
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: cannot write {path} ({e}); the last good checkpoint is untouched") from None
 
-def load_checkpoint(path, method):
-    """Load a checkpoint written by `method`, with a one-line error for anything else."""
+def all_finite(modules):
+    """True on every process when every parameter of `modules` is finite on every process (one host sync)."""
+    params = [p.detach() for m in modules for p in m.parameters()]
+    ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+    flag = ok.float().reshape(1)
+    if get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+def save_checkpoint(path, method, step, state, per_rank=None, finite=()):
+    """Collective: every process calls it. Writes {method, step, world_size, ranks, **state} atomically from
+    rank 0, where `ranks[r]` holds process r's RNG state and its `per_rank` dict (queues that differ per
+    process). Writes nothing, and stops with an error, when a parameter of the modules in `finite` is not
+    finite: a diverged run never overwrites the last good checkpoint."""
+    if finite and not all_finite(finite):
+        raise SystemExit(f"error: parameters are not finite at step {step}; nothing was saved and the last "
+                         f"good checkpoint {path} is untouched; lower --lr or use --amp none")
+    ranks = gather_objects({"rng": rng_state(), **(per_rank or {})})
+    if is_main():
+        _write_atomic(path, {"method": method, "step": step, "world_size": get_world_size(), "ranks": ranks,
+                             **state})
+    if get_world_size() > 1:
+        dist.barrier()  # no process runs ahead of a checkpoint that is not on disk yet
+
+def read_checkpoint(path, method):
+    """Load a file written by `method` (any process, no collective), with a one-line error for anything else."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -234,3 +266,49 @@ def load_checkpoint(path, method):
         raise SystemExit(f"error: {path} is a checkpoint of '{found}', not '{method}'; "
                          "choose another --output-dir")
     return state
+
+def load_checkpoint(path, method, resume=True):
+    """Collective. The checkpoint at `path`, or None for a fresh start when no process sees one. Every
+    process must see the same file: one that cannot (a node-local output dir) is an error, not a silent
+    fresh start. With `resume` (training goes on), the checkpoint must come from the same number of
+    processes and this process's RNG state is restored (so call it after building the models, whose
+    initialisation draws random numbers); `state["rank"]` is then this process's `per_rank` dict."""
+    seen = gather_objects(os.path.exists(path))
+    if not any(seen):
+        return None
+    if not all(seen):
+        missing = [r for r, s in enumerate(seen) if not s]
+        raise SystemExit(f"error: processes {missing} cannot see {path}, which the others resume from; put "
+                         "--output-dir on a file system that every node shares")
+    state = read_checkpoint(path, method)
+    steps = gather_objects(state.get("step"))
+    if len(set(steps)) > 1:
+        raise SystemExit(f"error: processes read checkpoints of different steps {steps} at {path}; "
+                         "every node must see one shared --output-dir")
+    if resume:
+        saved_world = state.get("world_size", len(state.get("ranks", [])))
+        if saved_world != get_world_size():
+            raise SystemExit(f"error: {path} was written by {saved_world} processes, this run has "
+                             f"{get_world_size()}; resume with the same number or choose another --output-dir")
+        state["rank"] = state["ranks"][get_rank()]
+        set_rng_state(state["rank"]["rng"])
+    return state
+
+def load_state(obj, state_dict, path):
+    """obj.load_state_dict (a module, an optimizer, a queue) with a one-line error when it does not fit."""
+    try:
+        obj.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        msg = str(e).strip()
+        first = msg.splitlines()[1].strip() if "\n" in msg else msg
+        raise SystemExit(f"error: {path} does not fit this {type(obj).__name__} ({first}); use the flags it "
+                         "was trained with or another --output-dir") from None
+
+def restore(state, path, **objects):
+    """Load each named object from state[name] (model=..., optimizer=..., scaler=...), one-line errors
+    for a missing entry or one that does not fit."""
+    for name, obj in objects.items():
+        if name not in state:
+            raise SystemExit(f"error: {path} has no '{name}'; it was written by another version or mode; "
+                             "choose another --output-dir")
+        load_state(obj, state[name], path)

@@ -67,17 +67,92 @@ def test_seeded_is_reproducible_and_restores_state():
 
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    common.save_checkpoint(path, {"method": "swav", "x": torch.arange(3)})
+    model = torch.nn.Linear(2, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    assert common.load_checkpoint(path, "swav") is None  # nothing there: a fresh start
+    common.save_checkpoint(path, "swav", 7, {"model": model.state_dict(), "optimizer": opt.state_dict()},
+                           per_rank={"queue": torch.arange(3)}, finite=[model])
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
-    assert torch.equal(common.load_checkpoint(path, "swav")["x"], torch.arange(3))
+    after_save = torch.rand(2)
+    state = common.load_checkpoint(path, "swav")  # restores this process's RNG state
+    assert torch.equal(torch.rand(2), after_save)
+    assert state["step"] == 7 and state["world_size"] == 1 and torch.equal(state["rank"]["queue"], torch.arange(3))
+    model2 = torch.nn.Linear(2, 3)
+    opt2 = torch.optim.AdamW(model2.parameters())
+    common.restore(state, path, model=model2, optimizer=opt2)
+    assert torch.equal(model2.weight, model.weight) and opt2.state_dict()["state"][0]["step"] == 1
+    with pytest.raises(SystemExit, match="has no 'momentum_model'"):
+        common.restore(state, path, momentum_model=model2)
+    with pytest.raises(SystemExit, match="does not fit this Linear"):
+        common.restore(state, path, model=torch.nn.Linear(2, 4))
+    with pytest.raises(SystemExit, match="does not fit this AdamW"):  # another parameter layout
+        common.restore(state, path, optimizer=torch.optim.AdamW(torch.nn.Sequential(
+            torch.nn.Linear(2, 3), torch.nn.Linear(3, 3)).parameters()))
     with pytest.raises(SystemExit, match="checkpoint of 'swav', not 'dcl'"):
         common.load_checkpoint(path, "dcl")
+    state["world_size"] = 8
+    torch.save(state, path)
+    with pytest.raises(SystemExit, match="written by 8 processes, this run has 1"):
+        common.load_checkpoint(path, "swav")
+    assert common.load_checkpoint(path, "swav", resume=False)["step"] == 7  # evaluation only: any world size
     with open(path, "wb") as f:
         f.write(b"not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         common.load_checkpoint(path, "swav")
-    with pytest.raises(SystemExit, match="does not fit this model"):
-        common.load_state(torch.nn.Linear(2, 3), torch.nn.Linear(2, 4).state_dict(), path)
+
+
+def test_checkpoint_refuses_non_finite_parameters_and_failed_writes(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    model = torch.nn.Linear(2, 3)
+    common.save_checkpoint(path, "dcl", 1, {"model": model.state_dict()}, finite=[model])
+    good = open(path, "rb").read()
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="not finite at step 2; nothing was saved"):
+        common.save_checkpoint(path, "dcl", 2, {"model": model.state_dict()}, finite=[model])
+    assert open(path, "rb").read() == good
+    with pytest.raises(SystemExit, match="cannot write"):  # an unpicklable state: the write fails half-way
+        common.save_checkpoint(path, "dcl", 3, {"model": model.state_dict(), "bad": lambda: 0})
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and open(path, "rb").read() == good
+
+
+def _resume_worker(rank, world, init_file, out, hide_on):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    path = f"{out}/ckpt{rank}/checkpoint.pt"  # one folder per rank, as node-local disks would be
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    model = torch.nn.Linear(2, 2)
+    result = {}
+    if rank == 0:
+        torch.save({"method": "m", "step": 3, "world_size": 2, "ranks": [{"rng": common.rng_state()}] * 2}, path)
+    dist.barrier()
+    if rank != hide_on and rank != 0:
+        torch.save({"method": "m", "step": 5, "world_size": 2, "ranks": [{"rng": common.rng_state()}] * 2}, path)
+    dist.barrier()
+    try:
+        common.load_checkpoint(path, "m")
+        result["error"] = None
+    except SystemExit as e:
+        result["error"] = str(e)
+    common.save_checkpoint(f"{out}/shared.pt", "m", 9, {"model": model.state_dict()},
+                           per_rank={"queue": torch.full((2,), float(rank))}, finite=[model])
+    result["shared"] = common.load_checkpoint(f"{out}/shared.pt", "m")["rank"]["queue"]
+    torch.save(result, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("hide_on", [1, None])
+def test_checkpoint_protocol_under_two_processes(hide_on):
+    """A process that cannot see the checkpoint, or sees another step, is an error on every process;
+    per-rank state comes back to its own rank."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_resume_worker, args=(2, f"{d}/init", d, hide_on), nprocs=2, join=True)
+        res = [torch.load(f"{d}/{r}.pt") for r in range(2)]
+    expected = "processes [1] cannot see" if hide_on == 1 else "checkpoints of different steps [3, 5]"
+    for r in range(2):
+        assert expected in res[r]["error"]
+        assert torch.equal(res[r]["shared"], torch.full((2,), float(r)))
 
 
 def test_rng_state_roundtrip():
