@@ -7,12 +7,17 @@ One shared Transformer encoder (UniXcoder, a RoBERTa) embeds code and queries by
 replaced by their syntactic type), four queues of past embeddings as extra negatives, and the multimodal
 contrastive loss: InfoNCE over [in-batch | queue] logits for code->query, code->augmented query, query->code,
 query->augmented code (inter-modal) and, with --intra, code->augmented code and query->augmented query
-(intra-modal). Fine-tuning (--mode finetune) is plain in-batch InfoNCE per language. Metric: MRR over the pool.
+(intra-modal). Fine-tuning (--mode finetune) is plain in-batch InfoNCE on one language. Metric: MRR.
 
-Where (the paper's components): soft_augment + soda_op = soft data augmentation (DM, DR, DRST, DMST) with token
-types from python_token_types/align_types; Encoder + mean_pool = code/query encoder; common.ema_update_ =
-momentum encoder; Queue = the four queues; moco_logits + cocosoda_loss = multimodal contrastive loss;
-finetune_loss = fine-tuning stage; mrr + recall_at_k = evaluation (top-1000 rule of the official run.py).
+Where (the paper's sections "Soft data augmentation", "Momentum mechanism", "Multimodal contrastive learning"):
+soft_augment + soda_op = SoDa (DM, DR, DRST, DMST); Encoder + mean_pool = the code/query encoder;
+common.ema_update_ = momentum encoder; Queue = the four queues; moco_logits + cocosoda_loss = the multimodal
+contrastive loss; finetune_loss = fine-tuning; mrr + recall_at_k = evaluation (top-1000 rule of run.py).
+--soda-mode official (default, with --intra off: run_cocosoda.sh) does what the released code does: the type
+names are special tokens of the tokenizer, DM masks 1 step in 4, DR and DRST leave the input unchanged (its
+batch has no type ids), DMST masks the chosen type name where the tokenizer split it out of the code text.
+--soda-mode paper applies the four operators to lexical token types (token_types: keyword lists per language
+and lexical rules, a stand-in for tree-sitter leaf types).
 
 Launch (paper: global batch 128, 100k pre-training steps on the six CodeSearchNet languages):
   python cocosoda.py --tiny                                    # CPU smoke: stdlib functions, random-init encoder
@@ -21,7 +26,7 @@ Launch (paper: global batch 128, 100k pre-training steps on the six CodeSearchNe
   torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 cocosoda.py \
       --data dataset --batch-size 8
   torchrun --nproc_per_node=8 cocosoda.py --mode finetune --data dataset --lang ruby --batch-size 16 \
-      --model-name runs/cocosoda/encoder --eval-steps 0 --output-dir runs/cocosoda_ruby
+      --model-name runs/cocosoda/encoder --output-dir runs/cocosoda_ruby
   python cocosoda.py --mode finetune --data dataset --lang python --max-steps 0 \
       --model-name DeepSoftwareAnalytics/CoCoSoDa            # zero-shot MRR of the released checkpoint
 Real data: CodeSearchNet as written by the official dataset/get_data.sh + preprocess.py, i.e.
@@ -45,7 +50,6 @@ import zlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoTokenizer, RobertaConfig, RobertaModel
 
@@ -69,8 +73,9 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01, help="not on biases and LayerNorm (official)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=123456)
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--tiny", action="store_true")
@@ -87,7 +92,8 @@ def get_args(argv=None):
     m.add_argument("--dropout", type=float, default=None, help="encoder dropout (default: the config's, 0.1)")
     m.add_argument("--lang", default="python", help="CodeSearchNet language fine-tuned and evaluated")
     m.add_argument("--pretrain-langs", nargs="+", default=LANGS, help="languages pre-trained on")
-    m.add_argument("--lang-alpha", type=float, default=0.7, help="language i sampled prop. to (n_i/N)^alpha")
+    m.add_argument("--lang-alpha", type=float, default=0.7,
+                   help="each pre-training batch comes from one language i, drawn with prob. prop. to (n_i/N)^alpha")
     m.add_argument("--pretrain-steps", type=int, default=100000, help="pre-training optimizer steps (official)")
     m.add_argument("--code-len", type=int, default=256, help="code length in tokens")
     m.add_argument("--nl-len", type=int, default=128, help="query length in tokens")
@@ -97,13 +103,14 @@ def get_args(argv=None):
     m.add_argument("--scale", type=float, default=20.0, help="logit multiplier of the official loop (20/tau in "
                    "pre-training, 20 = 1/0.05 in fine-tuning)")
     m.add_argument("--mlm-prob", type=float, default=0.1, help="SoDa rate: probability a token is selected")
-    m.add_argument("--soda-mode", choices=["paper", "official"], default="paper",
-                   help="paper: the 4 operators in turn; official: the released code, where only DM (every 4th "
-                   "step) changes the input [inferred default]")
-    m.add_argument("--intra", action="store_true", help="add the intra-modal terms (paper; off in run_cocosoda.sh)")
+    m.add_argument("--soda-mode", choices=["official", "paper"], default="official",
+                   help="official (default, as run_cocosoda.sh): what the released code does (see the docstring); "
+                   "paper: DM, DR, DRST, DMST in turn on lexical token types")
+    m.add_argument("--intra", action="store_true",
+                   help="add the intra-modal terms (the paper's full loss; off in run_cocosoda.sh, the default)")
     m.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    m.add_argument("--eval-steps", type=int, default=1000,
-                   help="validation MRR + checkpoint every N steps (official pre-training); 0: at epoch ends only")
+    m.add_argument("--eval-steps", type=int, default=1000, help="pre-training: validation MRR + checkpoint every N "
+                   "steps (official); fine-tuning validates at epoch ends (official)")
     args = p.parse_args(argv)
     if args.tiny:  # tiny values only where the user kept the default; a given --model-name is used as given
         for k, v in TINY.items():
@@ -113,30 +120,76 @@ def get_args(argv=None):
     return args
 
 
+def check_args(args, world):
+    """Every check that depends on the flags and the world size only (no files)."""
+    global_batch = args.batch_size * world
+    if args.batch_size <= 0:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be positive")
+    # The official enqueue asserts K % B == 0 (whole global batches) and does not trim: neither do we.
+    if args.mode == "pretrain" and (args.queue_size <= 0 or args.queue_size % global_batch):
+        raise SystemExit(f"error: --queue-size {args.queue_size} is not a positive multiple of the global batch "
+                         f"{global_batch} ({args.batch_size} x {world} processes); change --queue-size or --batch-size")
+    if not 0 <= args.mlm_prob <= 1:
+        raise SystemExit(f"error: --mlm-prob {args.mlm_prob} is not a probability")
+    if args.mode == "finetune" and args.intra:
+        raise SystemExit("error: --intra is a pre-training term; fine-tuning has no momentum encoder")
+    return args
+
+
 # --- Data ---
-TYPES = ["keyword", "identifier", "number", "string", "separator", "operator", "comment", "other"]
-SEPARATORS = set("()[]{},:;.") | {"->", "..."}
-_NUMBER, _STRING = re.compile(tokenize.Number), re.compile(tokenize.StringPrefix + r"['\"]")
+TYPES = ["keyword", "identifier", "number", "string", "separator", "operator", "comment", "other"]  # --soda-mode paper
+# The official tree-sitter leaf types (run.py), added as special tokens of the tokenizer as the official
+# create_model does; the released DMST masks the one it draws where it occurs in the code text.
+OFFICIAL_TYPES = sorted(set(
+    "keyword identifier separators operator \" integer comment none escape_sequence "  # python
+    "type_identifier decimal_integer_literal void_type string_literal decimal_floating_point_literal boolean_type "
+    "null_literal hex_integer_literal character_literal "  # java
+    "int_literal field_identifier package_identifier raw_string_literal rune_literal label_name float_literal "  # go
+    "property_identifier number string_fragment regex_pattern shorthand_property_identifier_pattern "
+    "shorthand_property_identifier regex_flags statement_identifier "  # javascript
+    "text php_tag name string ERROR boolean namespace class extends "  # php
+    "simple_symbol constant instance_variable string_content hash_key_symbol global_variable heredoc_beginning "
+    "heredoc_content heredoc_end class_variable".split()))  # ruby
+KEYWORDS = {"python": set(keyword.kwlist) | {"self"}, **{lang: set(words.split()) for lang, words in {
+    "go": "break case chan const continue default defer else fallthrough for func go goto if import interface map "
+          "package range return select struct switch type var nil true false",
+    "java": "abstract assert boolean break byte case catch char class const continue default do double else enum "
+            "extends final finally float for goto if implements import instanceof int interface long native new "
+            "package private protected public return short static super switch synchronized this throw throws "
+            "transient try void volatile while true false null",
+    "javascript": "async await break case catch class const continue debugger default delete do else export extends "
+                  "finally for function if import in instanceof let new return super switch this throw try typeof "
+                  "var void while with yield true false null undefined",
+    "php": "abstract and array as break callable case catch class clone const continue declare default do echo else "
+           "elseif empty extends final finally fn for foreach function global goto if implements include instanceof "
+           "interface isset list match namespace new or print private protected public require require_once return "
+           "static switch throw trait try unset use var while xor yield true false null",
+    "ruby": "alias and begin break case class def defined? do else elsif end ensure false for if in module next nil "
+            "not or redo rescue retry return self super then true undef unless until when while yield"}.items()}}
+SEPARATORS = set("()[]{},:;.") | {"->", "...", "=>", "::"}
+_NUMBER = re.compile(f"(?:{tokenize.Number})[lLfFdDuUn]*")
+_IDENT = re.compile(r"[$@]{0,2}[^\W\d]\w*[?!]?")  # php $x, ruby @x @@x x? x!
+_STRING, _COMMENT = re.compile(tokenize.StringPrefix + "['\"`]"), re.compile(r"#|//|/\*")
 
 
-def python_token_types(code_tokens):
-    """Lexical type of each code token from the standard library's tokenize/keyword rules: our stand-in for the
-    tree-sitter leaf types of the official code (which need a compiled grammar)."""
-    out = []
+def token_types(code_tokens, lang="python"):
+    """Lexical type of each CodeSearchNet code token: the language's keywords, then lexical rules shared by the
+    six languages. Our stand-in for the official tree-sitter leaf types (which need a compiled grammar)."""
+    kw, out = KEYWORDS.get(lang, KEYWORDS["python"]), []
     for t in code_tokens:
-        if keyword.iskeyword(t):
+        if t in kw:
             out.append("keyword")
-        elif t.isidentifier():
+        elif _IDENT.fullmatch(t):
             out.append("identifier")
         elif _NUMBER.fullmatch(t):
             out.append("number")
         elif _STRING.match(t):
             out.append("string")
-        elif t.startswith("#"):
+        elif _COMMENT.match(t):
             out.append("comment")
         elif t in SEPARATORS:
             out.append("separator")
-        elif t in tokenize.EXACT_TOKEN_TYPES:
+        elif re.fullmatch(r"[^\w\s]+", t):
             out.append("operator")
         else:
             out.append("other")
@@ -216,72 +269,91 @@ def read_jsonl(path, keys):
     return rows
 
 
-def read_pool(root, lang, split):
-    """Retrieval pool of the official evaluation: queries from <split>.jsonl, candidates codebase.jsonl, gold
-    candidate of each query = the one with its url. -> (query word lists, code word lists, gold (Nq,))."""
-    queries = read_jsonl(os.path.join(root, lang, f"{split}.jsonl"), ("docstring_tokens", "url"))
-    codes = read_jsonl(os.path.join(root, lang, "codebase.jsonl"), ("code_tokens", "url"))
-    where = {c["url"]: i for i, c in enumerate(codes)}
-    lost = next((q["url"] for q in queries if q["url"] not in where), None)
-    if lost is not None:
-        raise SystemExit(f"error: url {lost} of {lang}/{split}.jsonl is not in {lang}/codebase.jsonl; the "
-                         "codebase must hold the code of every query")
-    return ([q["docstring_tokens"] for q in queries], [c["code_tokens"] for c in codes],
-            torch.tensor([where[q["url"]] for q in queries]))
-
-
 def load_data(args):
-    """-> (training examples, {"test": pool, "valid": pool (CodeSearchNet only)})."""
+    """-> ([(language, training examples)], {"test": pool, "valid": pool (CodeSearchNet only)})."""
     if args.data == "synthetic":
         train, test = stdlib_corpus()
-        return train, {"test": ([e["docstring_tokens"] for e in test], [e["code_tokens"] for e in test],
-                                torch.arange(len(test)))}
+        return [("python", train)], {"test": ([e["docstring_tokens"] for e in test],
+                                              [e["code_tokens"] for e in test], torch.arange(len(test)))}
     if not os.path.isdir(args.data):
         raise SystemExit(f"error: --data {args.data} is not a directory; give a CodeSearchNet folder with "
                          "<lang>/train.jsonl, test.jsonl, codebase.jsonl, or --data synthetic")
     langs = args.pretrain_langs if args.mode == "pretrain" else [args.lang]
-    parts = [read_jsonl(os.path.join(args.data, lang, "train.jsonl"), ("code_tokens", "docstring_tokens"))
+    parts = [(lang, read_jsonl(os.path.join(args.data, lang, "train.jsonl"), ("code_tokens", "docstring_tokens")))
              for lang in langs]
-    # Official pre-training draws language i with prob. (n_i/N)^0.7 (renormalised) for each batch; we resample
-    # each language to that share once, so batches mix languages in the same proportions.
-    n = [len(x) for x in parts]
-    q = [(k / sum(n)) ** args.lang_alpha for k in n]
-    g, train = torch.Generator().manual_seed(args.seed), []
-    for part, qi in zip(parts, q):
-        m = round(qi / sum(q) * sum(n))
-        train += [part[i] for i in torch.randperm(len(part), generator=g).repeat(m // len(part) + 1)[:m].tolist()]
     pools = {"test": read_pool(args.data, args.lang, "test")}
     if os.path.isfile(os.path.join(args.data, args.lang, "valid.jsonl")):
         pools["valid"] = read_pool(args.data, args.lang, "valid")
-    return train, pools
+    return parts, pools
+
+
+class LanguageSampler(torch.utils.data.Sampler):
+    """Official pre-training: each step draws one language i with prob. (n_i/N)^alpha (renormalised) and takes
+    the next global batch of that language's reshuffled, cycled, drop_last loader. Fine-tuning: one language,
+    so steps run through epochs. The global batch of a step depends on (seed, step) only and is split into
+    contiguous per-rank slices, so one process with batch world*B sees what world processes see together.
+    Yields (index into the concatenated languages, sample seed, step); start = the step to resume at."""
+
+    def __init__(self, sizes, batch_size, total, seed, alpha=1.0, rank=None, world=None):
+        self.rank = common.get_rank() if rank is None else rank
+        world = common.get_world_size() if world is None else world
+        self.sizes, self.batch_size, self.total, self.seed, self.start = sizes, batch_size, total, seed, 0
+        self.gb, self.offsets = batch_size * world, [sum(sizes[:i]) for i in range(len(sizes))]
+        self.steps_per_epoch = [n // self.gb for n in sizes]  # per language
+        if min(self.steps_per_epoch) == 0:
+            raise SystemExit(f"error: a language has {min(sizes)} training pairs, fewer than one global batch of "
+                             f"{batch_size} x {world} processes; lower --batch-size")
+        q = torch.tensor([n / sum(sizes) for n in sizes], dtype=torch.float64) ** alpha
+        g = torch.Generator().manual_seed(seed)
+        self.lang = torch.multinomial(q / q.sum(), max(total, 1), replacement=True, generator=g)  # (total,)
+        onehot = F.one_hot(self.lang, len(sizes))
+        self.count = (onehot.cumsum(0) - onehot).gather(1, self.lang[:, None])[:, 0]  # earlier batches of that language
+
+    def __len__(self):
+        return max(0, self.total - self.start) * self.batch_size
+
+    def __iter__(self):
+        orders = {}  # language -> (epoch, permutation)
+        for step in range(self.start, self.total):
+            lang, k = int(self.lang[step]), int(self.count[step])
+            epoch, j = divmod(k, self.steps_per_epoch[lang])
+            if orders.get(lang, (None,))[0] != epoch:
+                g = torch.Generator().manual_seed((self.seed * 1000003 + lang) * 1000003 + epoch)
+                orders[lang] = (epoch, torch.randperm(self.sizes[lang], generator=g))
+            lo, first = j * self.gb + self.rank * self.batch_size, self.rank * self.batch_size
+            for pos, i in enumerate(orders[lang][1][lo:lo + self.batch_size].tolist(), first):  # pos in global batch
+                yield self.offsets[lang] + i, (self.seed * 1000003 + step) * 1000003 + pos, step
 
 
 class WordTokenizer:
     """Offline tokenizer for --from-scratch: lower-cased word pieces (identifiers split at _ and camelCase, so
     `getValue` and "get the value" share pieces), vocabulary = pieces seen twice in the training data. Ids of
-    <s>, <pad>, </s> are 0, 1, 2 as in RoBERTa/UniXcoder; the type tokens are built in."""
+    <s>, <pad>, </s> are 0, 1, 2 as in RoBERTa/UniXcoder. The type tokens are special tokens; a piece equal to an
+    official type name (`name`, `string`, `"`...) becomes that token, as the BPE tokenizer splits it out."""
     FILE = "word_vocab.json"
-    SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<encoder-only>"] + [f"<{t}>" for t in TYPES]
+    SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<encoder-only>", *(f"<{t}>" for t in TYPES), *OFFICIAL_TYPES]
     PIECE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+|[^\W\d_]+|[^\w\s]")
 
     def __init__(self, vocab):
         self.vocab, self.index = vocab, {w: i for i, w in enumerate(vocab)}
         self.cls_id, self.pad_id, self.sep_id, self.unk_id, self.mask_id, self.enc_id = range(6)
-        self.type_ids = {t: self.index[f"<{t}>"] for t in TYPES}
-        self.vocab_size = len(vocab)
+        self.type_ids = {t: self.index[f"<{t}>"] for t in TYPES}  # --soda-mode paper
+        self.name_ids = {t: self.index[t] for t in OFFICIAL_TYPES}  # official type names
+        self.special_ids, self.vocab_size = list(range(len(self.SPECIALS))), len(vocab)
 
     @classmethod
     def build(cls, examples, min_count=2):
         counts = collections.Counter(p.lower() for e in examples for w in e["code_tokens"] + e["docstring_tokens"]
                                      for p in cls.PIECE.findall(w))
-        return cls(cls.SPECIALS + sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w)))
+        words = (w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS)
+        return cls(cls.SPECIALS + sorted(words, key=lambda w: (-counts[w], w)))
 
     def __call__(self, words, limit):
         """words -> (piece ids, index of the word each piece comes from), at most `limit` pieces."""
         ids, word_of = [], []
         for j, w in enumerate(words):
             for piece in self.PIECE.findall(w):
-                ids.append(self.index.get(piece.lower(), self.unk_id))
+                ids.append(self.index.get(piece if piece in self.name_ids else piece.lower(), self.unk_id))
                 word_of.append(j)
             if len(ids) >= limit:
                 break
@@ -293,17 +365,22 @@ class WordTokenizer:
 
 
 class HFTokenizer:
-    """A pretrained BPE tokenizer (UniXcoder's) with the same interface; <encoder-only> and the type tokens are
-    added as special tokens (official: type vocabularies as additional special tokens, embeddings resized)."""
+    """A pretrained BPE tokenizer (UniXcoder's) with the same interface. <encoder-only> is added when missing;
+    for pre-training the type tokens are added as special tokens (official create_model: the type names as
+    additional special tokens, embeddings resized)."""
 
-    def __init__(self, name):
-        self.tok = AutoTokenizer.from_pretrained(name)
-        new = [t for t in ["<encoder-only>"] + [f"<{t}>" for t in TYPES] if t not in self.tok.get_vocab()]
-        self.tok.add_tokens(new, special_tokens=True)
-        t = self.tok
-        self.cls_id, self.pad_id, self.sep_id, self.mask_id = t.cls_token_id, t.pad_token_id, t.sep_token_id, t.mask_token_id
+    def __init__(self, name, add_types=True):
+        self.tok = t = AutoTokenizer.from_pretrained(name)
+        names, types = (OFFICIAL_TYPES, TYPES) if add_types else ([], [])
+        new = ["<encoder-only>"] + names + [f"<{k}>" for k in types]
+        t.add_tokens([w for w in new if w not in t.get_vocab()], special_tokens=True)
+        self.cls_id, self.pad_id, self.sep_id = t.cls_token_id, t.pad_token_id, t.sep_token_id
+        self.unk_id, self.mask_id = t.unk_token_id, t.mask_token_id
         self.enc_id = t.convert_tokens_to_ids("<encoder-only>")
-        self.type_ids = {k: t.convert_tokens_to_ids(f"<{k}>") for k in TYPES}
+        self.type_ids = {k: t.convert_tokens_to_ids(f"<{k}>") for k in types}
+        self.name_ids = {k: t.convert_tokens_to_ids(k) for k in names}
+        # Every special id: the named ones, <encoder-only> and the type tokens (what the official DM protects).
+        self.special_ids = sorted({*t.all_special_ids, self.enc_id, *self.type_ids.values(), *self.name_ids.values()})
         self.vocab_size = len(t)
 
     def __call__(self, words, limit):
@@ -331,51 +408,39 @@ def align_types(tok, words, types, max_len):
     return full, torch.tensor(prefix + [tok.type_ids[types[j]] for j in word_of] + [tok.sep_id] + pad)
 
 
-def protected_mask(ids, tok):
-    """Positions SoDa never changes: the 3 prefix tokens (official: augments ids[:, 3:]), </s> and padding."""
-    pos = torch.arange(ids.shape[-1], device=ids.device) < 3
-    return pos | torch.isin(ids, torch.tensor([tok.cls_id, tok.sep_id, tok.pad_id, tok.enc_id], device=ids.device))
-
-
 class CodeSearchDataset(torch.utils.data.Dataset):
-    """(code, query) ids; when pre-training, also the soft-augmented views the momentum encoder embeds."""
+    """(code, query) ids; when pre-training, also the soft-augmented views the momentum encoder embeds (the
+    operator of a sample depends on its step, its random draws on its sample seed: exact resume, any world)."""
 
-    def __init__(self, examples, tok, args):
-        self.examples, self.tok, self.args = examples, tok, args
+    def __init__(self, parts, tok, args):
+        self.examples = [(lang, e) for lang, part in parts for e in part]
+        self.tok, self.args = tok, args
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, key):
         i, sample_seed, step = key
-        e, a, tok = self.examples[i], self.args, self.tok
-        soda = a.mode == "pretrain"
-        code, types = align_types(tok, e["code_tokens"], python_token_types(e["code_tokens"]) if soda else None,
+        (lang, e), a, tok = self.examples[i], self.args, self.tok
+        paper = a.mode == "pretrain" and a.soda_mode == "paper"
+        code, types = align_types(tok, e["code_tokens"], token_types(e["code_tokens"], lang) if paper else None,
                                   a.code_len)
         nl, _ = align_types(tok, e["docstring_tokens"], None, a.nl_len)
-        if not soda:
+        if a.mode != "pretrain":
             return code, nl
         op, target = soda_op(step, a.soda_mode)
         code_k, nl_k = code, nl  # no operator: the key differs only by dropout and momentum weights
-        if op is not None:
-            with common.seeded(sample_seed):  # depends on (seed, epoch, index) only: exact resume, any world size
-                kw = dict(mask_id=tok.mask_id, vocab_size=tok.vocab_size)
-                target_id = tok.type_ids[target] if target else None
-                code_k = soft_augment(code[None], types[None], a.mlm_prob, op, protected=protected_mask(code[None], tok),
-                                      target_type=target_id, **kw)[0]
-                if op == "mask":  # official: the query is augmented on DM steps only
-                    nl_k = soft_augment(nl[None], None, a.mlm_prob, op, protected=protected_mask(nl[None], tok), **kw)[0]
+        with common.seeded(sample_seed):
+            if op == "mask_type" and not paper:  # released DMST: the ids are the type table, the name a token
+                code_k = soft_augment(code, code, a.mlm_prob, op, tok.mask_id, prefix_mask(code),
+                                      target_type=tok.name_ids[target])
+            elif op is not None:
+                code_k = soft_augment(code, types, a.mlm_prob, op, tok.mask_id, protected_mask(code, tok),
+                                      vocab_size=tok.vocab_size, target_type=tok.type_ids.get(target))
+            if op == "mask":  # official: the query is augmented on DM steps only
+                nl_k = soft_augment(nl, None, a.mlm_prob, op, tok.mask_id, protected_mask(nl, tok),
+                                    vocab_size=tok.vocab_size)
         return code, code_k, nl, nl_k
-
-
-class StepSampler(common.ResumableSampler):
-    """common.ResumableSampler that also hands each sample its global optimizer step: the SoDa operator of a
-    batch depends on the step (the official loop cycles through them)."""
-
-    def __iter__(self):
-        first = self.epoch * self.steps_per_epoch + self.start_step
-        for k, (i, seed) in enumerate(super().__iter__()):
-            yield i, seed, first + k // self.batch_size
 
 
 # --- Model ---
@@ -392,7 +457,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone, self.pad_id = backbone, pad_id
 
-    def encode(self, ids):  # (B, L) -> (B, d)
+    def encode(self, ids):  # (B, L) -> (B, d), fp32
         mask = ids.ne(self.pad_id)
         hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return F.normalize(mean_pool(hidden, mask).float(), dim=-1)
@@ -418,8 +483,8 @@ def build_encoder(args, train):
             with open(os.path.join(args.model_name, WordTokenizer.FILE)) as f:
                 tok = WordTokenizer(json.load(f))
         else:
-            tok = HFTokenizer(args.model_name)
-        backbone = RobertaModel.from_pretrained(args.model_name, add_pooling_layer=False, **drop)
+            tok = HFTokenizer(args.model_name, add_types=args.mode == "pretrain")
+        backbone = RobertaModel.from_pretrained(args.model_name, add_pooling_layer=False, **drop)  # in eval mode
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot load --model-name {args.model_name} ({str(e).splitlines()[0][:120]}); "
                          "pass a local copy of the model, or --from-scratch to build the architecture with random "
@@ -434,23 +499,37 @@ SODA_CYCLE = ["mask", "replace_type", "replace_type_specified", "mask_type"]  # 
 
 
 def soda_op(step, mode):
-    """SoDa operator and target type for 0-based optimizer step `step`. The official loop counts from 1 and uses
-    DM if count % 4 == 0, DR if 1, DRST if 2, DMST if 3; the target type is drawn with random.seed(count).
-    'official' reproduces the released code, where DR/DRST/DMST never change the input (no type ids in the
-    batch): only DM remains."""
-    op = SODA_CYCLE[(step + 1) % 4]
-    if mode == "official" and op != "mask":
-        return None, None
+    """SoDa operator and target type name for 0-based optimizer step `step`. The official loop counts from 1:
+    DM if count % 4 == 0, DR if 1, DRST if 2, DMST if 3, the target drawn after random.seed(count) (from a list
+    in set order there, sorted here). 'official': DR and DRST are dropped (the released batch has no type ids,
+    its replacement table is the input itself), DMST draws among the official type names."""
+    count = step + 1
+    op = SODA_CYCLE[count % 4]
+    if mode == "official":
+        if op in ("replace_type", "replace_type_specified"):
+            return None, None
+        return op, random.Random(count).choice(OFFICIAL_TYPES) if op == "mask_type" else None
     specified = op in ("replace_type_specified", "mask_type")
-    return op, random.Random(step + 1).choice(TYPES[:6]) if specified else None  # types present in code
+    return op, random.Random(count).choice(TYPES[:6]) if specified else None  # types present in code
+
+
+def prefix_mask(ids):
+    """The 3 prefix tokens: official SoDa augments ids[:, 3:] only."""
+    return torch.arange(ids.shape[-1], device=ids.device).expand(ids.shape) < 3
+
+
+def protected_mask(ids, tok):
+    """Positions DM and DR never change: the prefix and every special token id (official mask_tokens:
+    get_special_tokens_mask + pads): <s> </s> <pad> <unk> <mask> <encoder-only> and the type tokens."""
+    return prefix_mask(ids) | torch.isin(ids, torch.tensor(tok.special_ids, device=ids.device))
 
 
 def soft_augment(ids, type_ids, p, op, mask_id, protected, generator=None, vocab_size=None, target_type=None,
                  replace_prob=0.8):
-    """Soft data augmentation on (B, L) ids; returns a new tensor, protected positions never change.
+    """Soft data augmentation on ids of any shape; returns a new tensor, protected positions never change.
     Each eligible token is selected with probability p, then replaced with probability replace_prob by:
       mask                    <mask> (DM; of the others, half get a random token when vocab_size is given)
-      replace_type            its type token type_ids[b, i] (DR)
+      replace_type            its type token type_ids[i] (DR)
       mask_type               <mask>, only tokens whose type is target_type (DMST)
       replace_type_specified  target_type, only tokens of that type (DRST)."""
     shape, dev = ids.shape, ids.device
@@ -491,6 +570,9 @@ class Queue(nn.Module):
         self.ptr.add_(keys.shape[0]).remainder_(size)
 
 
+QUEUES = ["code", "nl", "masked_code", "masked_nl"]
+
+
 def moco_logits(anchor, pos, queue, t, scale=1.0, offset=0):
     """[anchor . posT (in-batch: the positive and B-1 negatives) | anchor . queue] / t * scale.
     anchor (B, d), pos (B', d), queue (d, K) -> logits (B, B'+K), labels (B,) = offset + arange(B)."""
@@ -504,7 +586,8 @@ def cocosoda_loss(c, n, c_k, n_k, queues, t=0.07, scale=20.0, intra=False):
     intra-modal  c->c_k (Q_masked_code), n->n_k (Q_masked_nl)   [intra=True].
     c, n: online code/query embeddings of this process (B, d); c_k, n_k: momentum embeddings of the augmented
     inputs; queues: name -> (d, K). Positives and in-batch negatives are gathered across processes, so the loss
-    equals that of one process holding the whole global batch."""
+    equals that of one process holding the whole global batch. Call it outside autocast: at scale/t = 286 a
+    bf16 logit is off by up to ~1."""
     c, n, c_k, n_k = c.float(), n.float(), c_k.float(), n_k.float()
     offset = common.get_rank() * c.shape[0]
     c_all, n_all = common.all_gather_with_grad(c), common.all_gather_with_grad(n)  # online: gradient on both sides
@@ -524,7 +607,47 @@ def finetune_loss(n, c, scale=20.0):
     return F.cross_entropy(logits, labels)
 
 
+def step_loss(train_model, momentum_model, queues, batch, args):
+    """The loss of one training step on this process's batch -> (loss, embeddings to enqueue or None). The
+    encoders run under autocast, the loss in fp32 outside it. train_model: the DDP/compiled online encoder."""
+    device = batch[0].device
+    if momentum_model is None:
+        with common.autocast(device, args.amp):
+            c, n = train_model(*batch)
+        return finetune_loss(n, c, args.scale), None
+    code, code_k, nl, nl_k = batch
+    with common.autocast(device, args.amp):
+        c, n = train_model(code, nl)
+        with torch.no_grad():
+            common.ema_update_(momentum_model, common.unwrap(train_model), args.momentum)  # before the keys (official)
+            c_k, n_k = momentum_model(code_k, nl_k)
+    loss = cocosoda_loss(c, n, c_k, n_k, {k: q.tensor for k, q in queues.items()}, args.temperature, args.scale,
+                         args.intra)
+    return loss, (c, n, c_k, n_k)
+
+
+def enqueue_all(queues, keys):
+    """Official: the online embeddings fill the code/nl queues, the momentum ones the masked queues; the
+    global batch of each (gathered), after the step."""
+    for k, x in zip(QUEUES, keys):
+        queues[k].enqueue(common.concat_all_gather(x.detach().float()))
+
+
 # --- Evaluation ---
+def read_pool(root, lang, split):
+    """Retrieval pool of the official evaluation: queries from <split>.jsonl, candidates codebase.jsonl, gold
+    candidate of each query = the one with its url. -> (query word lists, code word lists, gold (Nq,))."""
+    queries = read_jsonl(os.path.join(root, lang, f"{split}.jsonl"), ("docstring_tokens", "url"))
+    codes = read_jsonl(os.path.join(root, lang, "codebase.jsonl"), ("code_tokens", "url"))
+    where = {c["url"]: i for i, c in enumerate(codes)}
+    lost = next((q["url"] for q in queries if q["url"] not in where), None)
+    if lost is not None:
+        raise SystemExit(f"error: url {lost} of {lang}/{split}.jsonl is not in {lang}/codebase.jsonl; the "
+                         "codebase must hold the code of every query")
+    return ([q["docstring_tokens"] for q in queries], [c["code_tokens"] for c in codes],
+            torch.tensor([where[q["url"]] for q in queries]))
+
+
 def _ranks(scores, gold):
     """Rank of each query's gold candidate: 1 + number of candidates scoring strictly higher. (Nq,)"""
     return 1 + (scores > scores.gather(1, gold[:, None])).sum(1)
@@ -542,156 +665,136 @@ def recall_at_k(scores, gold, k):
 
 @torch.no_grad()
 def evaluate(encoder, pool, batch_size, device, amp):
-    """Embed queries and candidates with the online encoder (eval mode), score by dot product = cosine."""
+    """Embed queries and candidates with the online encoder in eval mode (the training loop switches back),
+    score by dot product = cosine."""
     queries, codes, gold = pool
     encoder.eval()
     with common.autocast(device, amp):
         q = torch.cat([encoder.encode(x.to(device, non_blocking=True)) for x in queries.split(batch_size)])
         c = torch.cat([encoder.encode(x.to(device, non_blocking=True)) for x in codes.split(batch_size)])
-    encoder.train()
     scores, gold = q.float() @ c.float().T, gold.to(device)  # (Nq, Nc)
     return {"mrr": mrr(scores, gold), "r@1": recall_at_k(scores, gold, 1), "r@5": recall_at_k(scores, gold, 5),
             "r@10": recall_at_k(scores, gold, 10)}
 
 
 # --- Train ---
-QUEUES = ["code", "nl", "masked_code", "masked_nl"]
+def no_decay(name):
+    return name.endswith("bias") or "LayerNorm" in name  # official grouping
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup_distributed()
+    check_args(args, world)
     args.amp = args.amp or common.default_amp(device)
     pretrain, global_batch = args.mode == "pretrain", args.batch_size * world
-    if pretrain and (args.queue_size <= 0 or args.queue_size % global_batch):
-        raise SystemExit(f"error: --queue-size {args.queue_size} is not a positive multiple of the global batch "
-                         f"{global_batch} ({args.batch_size} x {world} processes); change --queue-size or --batch-size")
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path, best_path = os.path.join(args.output_dir, "checkpoint.pt"), os.path.join(args.output_dir, "best.pt")
-    ckpt = common.load_checkpoint(ckpt_path, "cocosoda") if os.path.exists(ckpt_path) else None
-    if ckpt and ckpt["args"]["mode"] != args.mode:
-        raise SystemExit(f"error: {ckpt_path} is from --mode {ckpt['args']['mode']}; choose another --output-dir")
 
-    train, pools = load_data(args)
+    parts, pools = load_data(args)
     common.seed_everything(args.seed)  # identical initial weights on every rank
-    tok, model = build_encoder(args, train)
+    tok, model = build_encoder(args, [e for _, part in parts for e in part])
     model.to(device)
-    momentum_model = common.momentum_copy(model) if pretrain else None  # stays in train mode (dropout), official
-    dim = model.backbone.config.hidden_size
+    momentum_model = common.momentum_copy(model) if pretrain else None
     g = torch.Generator().manual_seed(3047)  # official queue seed
+    dim = model.backbone.config.hidden_size
     queues = nn.ModuleDict({k: Queue(dim, args.queue_size, g) for k in QUEUES}).to(device) if pretrain else None
     common.seed_everything(args.seed + rank)
     pools = {k: (torch.stack([align_types(tok, w, None, args.nl_len)[0] for w in qs]),
                  torch.stack([align_types(tok, w, None, args.code_len)[0] for w in codes]), gold)
              for k, (qs, codes, gold) in pools.items()}
 
-    ds = CodeSearchDataset(train, tok, args)
-    sampler = StepSampler(len(ds), args.batch_size, seed=args.seed)
+    ds = CodeSearchDataset(parts, tok, args)
+    sizes = [len(part) for _, part in parts]
+    spe = sizes[0] // global_batch  # fine-tuning: steps per epoch of its one language
+    total = args.pretrain_steps if pretrain else args.epochs * spe
+    stop = total if args.max_steps is None else min(total, args.max_steps)
+    sampler = LanguageSampler(sizes, args.batch_size, total, args.seed, args.lang_alpha)
     # Own generator: creating the iterator then leaves the global RNG (dropout) alone -> exact resume.
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=args.workers > 0, generator=torch.Generator())
-    spe = sampler.steps_per_epoch
-    total = args.pretrain_steps if pretrain else args.epochs * spe
-    stop = total if args.max_steps is None else min(total, args.max_steps)
-    no_decay = lambda name: name.endswith("bias") or "LayerNorm" in name  # noqa: E731 (official grouping)
     groups = [{"params": [p for k, p in model.named_parameters() if not no_decay(k)], "weight_decay": args.weight_decay},
               {"params": [p for k, p in model.named_parameters() if no_decay(k)], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, eps=1e-8, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     step, best, mrr_init = 0, -1.0, None
+    ckpt = common.load_checkpoint(ckpt_path, "cocosoda", resume=not args.eval_only)  # after the models: RNG
     if ckpt:
-        common.load_state(model, ckpt["model"], ckpt_path)
-        if pretrain:
-            common.load_state(momentum_model, ckpt["momentum_model"], ckpt_path)
-            common.load_state(queues, ckpt["queues"], ckpt_path)
-        opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("mode") != args.mode:
+            raise SystemExit(f"error: {ckpt_path} is from --mode {ckpt.get('mode')}; choose another --output-dir")
+        restore = dict(model=model, momentum_model=momentum_model, queues=queues) if pretrain else dict(model=model)
+        common.restore(ckpt, ckpt_path, **restore, **({} if args.eval_only else dict(optimizer=opt, scaler=scaler)))
         step, best, mrr_init = ckpt["step"], ckpt["best_mrr"], ckpt["mrr_init"]
-        if rank < len(ckpt["rng"]):
-            common.set_rng_state(ckpt["rng"][rank])
         common.print0(f"resumed from {ckpt_path} at step {step}")
-    common.print0(f"{args.mode}: {len(ds)} training pairs, {spe} steps/epoch, {stop} of {total} steps, global batch "
-                  f"{global_batch}, test pool {len(pools['test'][0])} queries x {len(pools['test'][1])} candidates")
+    common.print0(f"{args.mode}: {len(ds)} training pairs in {len(parts)} language(s), {stop} of {total} steps, "
+                  f"global batch {global_batch}, test pool {len(pools['test'][0])} queries x "
+                  f"{len(pools['test'][1])} candidates")
 
     def run_eval(split):
         return evaluate(model, pools[split], args.batch_size, device, args.amp)
 
-    def save(epoch):
-        rng = common.gather_objects(common.rng_state())  # collective: every rank calls it
-        if common.is_main():
-            state = {"method": "cocosoda", "args": vars(args), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "rng": rng, "best_mrr": best,
-                     "mrr_init": mrr_init}
-            if pretrain:
-                state.update(momentum_model=momentum_model.state_dict(), queues=queues.state_dict())
-            common.save_checkpoint(ckpt_path, state)
+    def save():  # collective
+        state = {"mode": args.mode, "args": vars(args), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "scaler": scaler.state_dict(), "best_mrr": best, "mrr_init": mrr_init}
+        if pretrain:
+            state.update(momentum_model=momentum_model.state_dict(), queues=queues.state_dict())
+        common.save_checkpoint(ckpt_path, "cocosoda", step, state, finite=[model])
 
     if args.tiny and ckpt is None and not args.eval_only:
         mrr_init = run_eval("test")["mrr"]
-        common.print0(f"random-init encoder: test MRR {mrr_init:.4f}")
-    dmodel = DistributedDataParallel(model) if world > 1 else model  # only the online encoder
-    dmodel = torch.compile(dmodel) if args.compile else dmodel
+        common.print0(f"encoder before training: test MRR {mrr_init:.4f}")
+    train_model = common.distribute(model, device, args.compile)  # only the online encoder in DDP
     bar = tqdm(total=stop, initial=step, disable=rank != 0 or args.eval_only, desc=args.mode)
     t0, seen = time.time(), 0
-    for epoch in range(step // spe, math.ceil(total / spe)):
-        if step >= stop or args.eval_only:
+    sampler.start = step
+    for batch in ([] if args.eval_only or step >= stop else loader):
+        # from_pretrained returns eval mode, evaluate() leaves it: train with dropout, the momentum encoder too
+        # (official: model.train() every step, its key encoders are submodules).
+        model.train()
+        if pretrain:
+            momentum_model.train()
+        lr = args.lr * (1 - step / total)  # linear decay, no warmup (official)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = [x.to(device, non_blocking=True) for x in batch]
+        loss, keys = step_loss(train_model, momentum_model, queues, batch, args)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if pretrain:
+            enqueue_all(queues, keys)
+        step, seen = step + 1, seen + global_batch
+        bar.update(1)
+        # Official: pre-training validates every save_steps (1000), fine-tuning at each epoch's end.
+        validate = step % args.eval_steps == 0 if pretrain and args.eval_steps > 0 else not pretrain and step % spe == 0
+        save_now = validate or step == stop
+        if step % args.log_every == 0 or save_now:  # the only host syncs; NaN stops before any save
+            value = common.all_reduce_sum(loss.detach().clone()).item() / world
+            if not math.isfinite(value):
+                raise SystemExit(f"error: loss is {value} at step {step}; the last good checkpoint in "
+                                 f"{args.output_dir} is untouched; lower --lr or use --amp none")
+            bar.set_postfix(loss=f"{value:.4f}")
+            common.log_jsonl(args.output_dir, {"step": step, "epoch": 0 if pretrain else (step - 1) // spe,
+                                               "loss": value, "lr": lr, "samples_per_s": seen / (time.time() - t0)})
+            t0, seen = time.time(), 0
+        if validate and "valid" in pools:  # model selection on valid MRR, as the official runs
+            v = run_eval("valid")["mrr"]
+            common.log_jsonl(args.output_dir, {"step": step, "valid_mrr": v})
+            if v > best:
+                best = v
+                common.save_checkpoint(best_path, "cocosoda", step, {"model": model.state_dict()}, finite=[model])
+        if save_now:
+            save()
+        if step >= stop:
             break
-        sampler.set_epoch(epoch, step - epoch * spe)
-        for batch in loader:
-            lr = args.lr * (1 - step / total)  # linear decay, no warmup (official)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batch = [x.to(device, non_blocking=True) for x in batch]
-            with common.autocast(device, args.amp):
-                if pretrain:
-                    code, code_k, nl, nl_k = batch
-                    c, n = dmodel(code, nl)
-                    with torch.no_grad():
-                        common.ema_update_(momentum_model, model, args.momentum)  # before the keys, as official
-                        c_k, n_k = momentum_model(code_k, nl_k)
-                    loss = cocosoda_loss(c, n, c_k, n_k, {k: q.tensor for k, q in queues.items()},
-                                         args.temperature, args.scale, args.intra)
-                else:
-                    c, n = dmodel(*batch)
-                    loss = finetune_loss(n, c, args.scale)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            if pretrain:  # official: the online embeddings fill the code/nl queues, the momentum ones the masked
-                for k, x in zip(QUEUES, (c, n, c_k, n_k)):
-                    queues[k].enqueue(common.concat_all_gather(x.detach().float()))
-            step, seen = step + 1, seen + global_batch
-            bar.update(1)
-            validate = args.eval_steps > 0 and step % args.eval_steps == 0 or step % spe == 0
-            save_now = validate or step == stop
-            if step % args.log_every == 0 or save_now:  # the only host syncs; NaN stops before any save
-                value = common.all_reduce_sum(loss.detach().clone()).item() / world
-                if not math.isfinite(value):
-                    raise SystemExit(f"error: loss is {value} at step {step}; the last good checkpoint in "
-                                     f"{args.output_dir} is untouched; lower --lr or use --amp none")
-                bar.set_postfix(loss=f"{value:.4f}")
-                common.log_jsonl(args.output_dir, {"step": step, "epoch": epoch, "loss": value, "lr": lr,
-                                                   "samples_per_s": seen / (time.time() - t0)})
-                t0, seen = time.time(), 0
-            if validate and "valid" in pools:  # model selection on valid MRR, as the official runs
-                v = run_eval("valid")["mrr"]
-                common.log_jsonl(args.output_dir, {"step": step, "valid_mrr": v})
-                if v > best:
-                    best = v
-                    if common.is_main():
-                        common.save_checkpoint(best_path, {"method": "cocosoda", "model": model.state_dict()})
-            if save_now:
-                save(epoch)
-            if step >= stop:
-                break
     bar.close()
 
     if os.path.exists(best_path):  # test the best validated weights
-        common.load_state(model, common.load_checkpoint(best_path, "cocosoda")["model"], best_path)
+        common.restore(common.read_checkpoint(best_path, "cocosoda"), best_path, model=model)
     metrics = run_eval("test")
     if mrr_init is not None:
         metrics["mrr_init"] = mrr_init
