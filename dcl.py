@@ -2,22 +2,27 @@
 Chun-Hsiao Yeh, Cheng-Yao Hong, Yen-Chi Hsu, Tyng-Luh Liu, Yubei Chen, Yann LeCun. ECCV 2022. arXiv 2110.06848.
 
 DCL is SimCLR's NT-Xent with the positive pair removed from the denominator. That removes the
-negative-positive-coupling factor from the gradient, so learning no longer needs large batches, a momentum encoder
-or long schedules. DCLW also weights the positive term with a negative von Mises-Fisher weight that emphasises
-hard positives. Everything else is SimCLR: two augmented views, a ResNet, a 2-layer MLP projector, LARS, and
-negatives from the whole (global) batch. `--loss ntxent` trains the SimCLR baseline of the paper's ablation.
+negative-positive-coupling factor from the gradient; the paper reports that learning then needs no large batches,
+momentum encoder or long schedules. DCLW also weights the positive term with a negative von Mises-Fisher weight
+that emphasises hard positives. Everything else is SimCLR: two augmented views, a ResNet, a 2-layer MLP projector,
+LARS, and negatives from the whole (global) batch. `--loss ntxent` trains the SimCLR baseline of the paper's ablation.
+There is no official code: the loss is the paper's Eq. 6 with lightly's conventions (DCLLoss / DCLWLoss after its 2025
+fix: mean over anchors, one log-sum-exp), except that DCLW weights here use the global batch, lightly's the local one.
 
 Implemented here: Eq. 6 (the DCL loss) in `dcl_loss`; the DCLW weight w_i = 2 - N softmax_j(<z_j1, z_j2>/sigma)_i in
 `vmf_weights` and `dclw_loss`; SimCLR's NT-Xent in `nt_xent_loss`. Every loss is the mean over the 2N anchors
-(both directions), normalises its inputs and takes one log-sum-exp over the negatives of both views. Training:
-SimCLR's LARS, lr 0.075 * sqrt(global batch), weight decay 1e-6, 10 warmup epochs then cosine. Evaluation:
-weighted kNN (k=200, t=0.1) and a linear probe, both on frozen backbone features.
+(both directions), normalises its inputs, runs in fp32 with autocast off, and takes one log-sum-exp over the
+negatives of both views. The projection head is lightly's 2-layer SimCLRProjectionHead (with BatchNorm after
+both linears). Training: SimCLR's LARS, lr = --lr * sqrt(GLOBAL batch), weight decay 1e-6, 10 warmup epochs then
+cosine. Evaluation: weighted kNN (k=200, t=0.1) and a linear probe, both on frozen backbone features.
 
+--batch-size is per process. The paper's headline run is ResNet-50, global batch 256, 200 epochs:
   python dcl.py --tiny                                                          # CPU smoke run
-  python dcl.py --data ~/data/cifar10 --arch resnet18 --batch-size 256          # one GPU, CIFAR-10
-  torchrun --nproc_per_node=8 dcl.py --data /data/imagenet --batch-size 32      # paper: ResNet-50, batch 256, 200 ep
+  python dcl.py --data /data/imagenet                                           # one GPU: 256 x 1
+  python dcl.py --data ~/data/cifar10 --arch resnet18                           # one GPU, CIFAR-10
+  torchrun --nproc_per_node=8 dcl.py --data /data/imagenet --batch-size 32      # 32 x 8 = 256
   torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
-      dcl.py --data /data/imagenet --batch-size 16
+      dcl.py --data /data/imagenet --batch-size 16                              # 16 x 16 = 256
 """
 import argparse
 import functools
@@ -36,7 +41,8 @@ from tqdm import tqdm
 import common
 
 # --- Arguments ---
-TINY = dict(epochs=5, batch_size=32, lr=0.18, warmup_epochs=1, workers=0, log_every=16, arch="cnn", image_size=32,
+PAPER_GLOBAL_BATCH = 256  # the paper's headline ImageNet run (and its NNCLR combination uses 512)
+TINY = dict(epochs=5, batch_size=32, lr=0.3, warmup_epochs=1, workers=0, log_every=16, arch="cnn", image_size=32,
             proj_dim=32, probe_epochs=30)
 
 
@@ -46,15 +52,17 @@ def get_args(argv=None):
     p.add_argument("--data", default="synthetic", help="'synthetic', an ImageFolder root with train/ and val/, "
                    "or a folder holding cifar-10-batches-py or cifar-100-python (never downloaded)")
     p.add_argument("--output-dir", default="runs/dcl")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=256, help="per process; the paper's headline: 256 in all")
-    p.add_argument("--lr", type=float, default=0.075, help="LARS lr = lr * sqrt(global batch) (SimCLR App. B.1, "
-                   "its rule for small batches) [inferred]")
+    p.add_argument("--epochs", type=int, default=200, help="the paper's headline run: 200")
+    p.add_argument("--batch-size", type=int, default=256, help="per process; the global batch is this x the "
+                   "number of processes. The paper's global batch is 256: the default on one GPU, 32 on 8 GPUs")
+    p.add_argument("--lr", type=float, default=0.075, help="LARS lr = lr * sqrt(global batch), SimCLR App. B.1's "
+                   "rule for small batches (1.2 at 256) [inferred: the DCL paper gives no lr]")
     p.add_argument("--weight-decay", type=float, default=1e-6, help="on weights only, as SimCLR's LARS")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the checkpoint in --output-dir (or the untrained model)")
     p.add_argument("--max-steps", type=int, default=None,
@@ -70,7 +78,7 @@ def get_args(argv=None):
                    help="backbone f: the paper's ResNet-50, ResNet-18 (CIFAR), or a 4-layer CNN (--tiny)")
     m.add_argument("--image-size", type=int, default=None, help="crop size; default 224 for ImageFolder, 32 for "
                    "CIFAR and synthetic; <= 64 uses SimCLR's CIFAR variant (3x3 stem, no max-pool, no blur)")
-    m.add_argument("--proj-dim", type=int, default=128, help="output of SimCLR's 2-layer projection head g")
+    m.add_argument("--proj-dim", type=int, default=128, help="output of the 2-layer projection head g (SimCLR: 128)")
     m.add_argument("--momentum", type=float, default=0.9, help="LARS momentum (SimCLR)")
     m.add_argument("--lars-eta", type=float, default=1e-3, help="LARS trust coefficient eta (SimCLR)")
     m.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup before the cosine decay (SimCLR)")
@@ -84,9 +92,22 @@ def get_args(argv=None):
         for k, v in TINY.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    return args
+
+
+def check_args(args, world):
+    """Every check that depends on the flags and the world size alone (no file system): one-line errors."""
     if args.temperature <= 0 or args.sigma <= 0:
         raise SystemExit("error: --temperature and --sigma must be positive")
-    return args
+    if args.batch_size < 1 or args.batch_size * world < 2:
+        raise SystemExit("error: DCL needs at least 2 images in the global batch for negatives; raise --batch-size")
+    if args.max_steps is not None and args.max_steps < 0:
+        raise SystemExit("error: --max-steps must be >= 0")
+    global_batch = args.batch_size * world
+    if global_batch != PAPER_GLOBAL_BATCH and not args.tiny:
+        common.print0(f"note: global batch {global_batch} = {args.batch_size} x {world}; the paper's is "
+                      f"{PAPER_GLOBAL_BATCH} (--batch-size {max(1, PAPER_GLOBAL_BATCH // world)} with {world} "
+                      "processes)")
 
 
 # --- Data ---
@@ -166,23 +187,6 @@ def load_datasets(args):
     return train, val, len(train.classes), 224
 
 
-def simclr_transform(size):
-    """SimCLR's augmentations (Chen et al. 2020, App. A): crop 0.08-1, flip, colour jitter (strength 1; 0.5 for
-    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it)."""
-    s = 1.0 if size > 64 else 0.5
-    blur = [v2.RandomApply([v2.GaussianBlur(size // 20 * 2 + 1, (0.1, 2.0))], p=0.5)] if size > 64 else []
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip(),
-                       v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-                       v2.RandomGrayscale(p=0.2), *blur, *_to_float()])
-
-
-def eval_transform(size):
-    resize = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)] if size > 64 else [
-        v2.Resize(size, antialias=True)]
-    return v2.Compose([v2.ToImage(), *resize, *_to_float()])
-
-
 def _to_float():
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
             v2.ToPureTensor()]
@@ -205,18 +209,10 @@ class TwoViews(torch.utils.data.Dataset):
             return self.transform(image), self.transform(image)
 
 
-class Labelled(torch.utils.data.Dataset):
-    """index -> (eval-transformed image, label) for the kNN memory bank and the linear probe."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        image, label = self.base[index]
-        return self.transform(image), label
+def to_device(x, device):
+    """A batch onto the device (channels_last for the CNNs on CUDA), without blocking the host."""
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
 
 
 # --- Model ---
@@ -248,41 +244,56 @@ def build_backbone(arch, image_size):
 
 
 class SimCLR(nn.Module):
-    """Encoder f and projection head g = Linear-BN-ReLU-Linear (SimCLR; lightly's head: hidden width = f's width).
-    The loss sees z = g(f(x)); evaluation uses the representation f(x)."""
+    """Encoder f and projection head g. The SimCLR paper writes g(h) = W2 ReLU(W1 h) (Sec. 2.1); this g is lightly's
+    SimCLRProjectionHead with 2 layers (batch_norm=True, the head of lightly's DCL benchmarks): Linear-BN-ReLU-
+    Linear-BN, both linears without bias, hidden width = f's width. The loss sees z = g(f(x)); evaluation uses the
+    representation f(x)."""
 
     def __init__(self, arch, image_size, proj_dim):
         super().__init__()
         self.backbone = build_backbone(arch, image_size)
         d = self.backbone.dim
         self.head = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
-                                  nn.Linear(d, proj_dim))
+                                  nn.Linear(d, proj_dim, bias=False), nn.BatchNorm1d(proj_dim))
 
     def forward(self, x):
         return self.head(self.backbone(x))
 
 
 # --- Method ---
+def simclr_transform(size):
+    """SimCLR's augmentations (Chen et al. 2020, App. A): crop 0.08-1, flip, colour jitter (strength 1; 0.5 for
+    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it)."""
+    s = 1.0 if size > 64 else 0.5
+    blur = [v2.RandomApply([v2.GaussianBlur(size // 20 * 2 + 1, (0.1, 2.0))], p=0.5)] if size > 64 else []
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip(),
+                       v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                       v2.RandomGrayscale(p=0.2), *blur, *_to_float()])
+
+
 def _contrastive_loss(z1, z2, temperature, weight_fn=None, keep_positive=False, gather=False):
     """Shared by DCL (positive removed from the denominator) and NT-Xent (kept). Anchors are the local 2n embeddings
     of both views; with gather=True the candidates are the global batch of all processes (gradients flow back) and
-    the anchor's own columns are offset by rank * n."""
-    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)  # fp32: log-sum-exp below
-    n = z1.shape[0]
-    g1, g2 = (common.all_gather_with_grad(z1), common.all_gather_with_grad(z2)) if gather else (z1, z2)
-    m, offset = g1.shape[0], common.get_rank() * n if gather else 0
-    logits = torch.cat([z1, z2]) @ torch.cat([g1, g2]).T / temperature  # (2n, 2m): anchors of k = 1, 2 x all images
-    rows = torch.arange(2 * n, device=z1.device)
-    i = torch.arange(n, device=z1.device) + offset
-    mask = torch.zeros_like(logits, dtype=torch.bool)
-    mask[rows, torch.cat([i, m + i])] = True  # the anchor itself
-    if not keep_positive:
-        mask[rows, torch.cat([m + i, i])] = True  # Eq. 6: its positive, the other view of the same image
-    log_denominator = logits.masked_fill(mask, float("-inf")).logsumexp(1)  # (2n,) one sum over both views
-    pos = (z1 * z2).sum(1) / temperature  # (n,) <z_i^(1), z_i^(2)> / tau
-    if weight_fn is not None:  # weights see the whole global batch, as one process would
-        pos = weight_fn(g1, g2)[offset:offset + n] * pos
-    return (log_denominator - pos.repeat(2)).mean()  # mean over the 2n anchors (lightly's convention)
+    the anchor's own columns are offset by rank * n. fp32 with autocast off, whatever the caller runs under: at
+    tau = 0.1 a bf16 matmul would put errors of ~0.04 into every logit."""
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+        n = z1.shape[0]
+        g1, g2 = (common.all_gather_with_grad(z1), common.all_gather_with_grad(z2)) if gather else (z1, z2)
+        m, offset = g1.shape[0], common.get_rank() * n if gather else 0
+        logits = torch.cat([z1, z2]) @ torch.cat([g1, g2]).T / temperature  # (2n, 2m): anchors x all images
+        i = torch.arange(n, device=z1.device) + offset
+        cols = torch.arange(2 * m, device=z1.device)
+        own = torch.cat([i, m + i])  # (2n,) each anchor's own column
+        mask = cols == own[:, None]  # (2n, 2m); built by comparison: no data-dependent indexing
+        if not keep_positive:
+            mask |= cols == torch.cat([m + i, i])[:, None]  # Eq. 6: its positive, the other view of the same image
+        log_denominator = logits.masked_fill(mask, float("-inf")).logsumexp(1)  # (2n,) one sum over both views
+        pos = (z1 * z2).sum(1) / temperature  # (n,) <z_i^(1), z_i^(2)> / tau
+        if weight_fn is not None:  # weights see the whole global batch, as one process would
+            pos = weight_fn(g1, g2)[offset:offset + n] * pos
+        return (log_denominator - pos.repeat(2)).mean()  # mean over the 2n anchors (lightly's convention)
 
 
 def dcl_loss(z1, z2, temperature=0.1, weight_fn=None, gather=False):
@@ -313,10 +324,57 @@ def nt_xent_loss(z1, z2, temperature, gather=False):
 LOSSES = {"dcl": dcl_loss, "dclw": dclw_loss, "ntxent": nt_xent_loss}
 
 
+def loss_function(args):
+    """The training loss of --loss at --temperature (and --sigma), negatives from the global batch."""
+    kw = {"sigma": args.sigma} if args.loss == "dclw" else {}
+    return functools.partial(LOSSES[args.loss], temperature=args.temperature, gather=True, **kw)
+
+
+class LARS(torch.optim.Optimizer):
+    """SimCLR's optimizer (You et al. 2017): SGD with momentum where each weight tensor's step is rescaled by the
+    trust ratio eta * ||w|| / ||g + wd * w||. Groups with eta=None (biases, BatchNorm) get plain momentum SGD and
+    no weight decay, as in SimCLR. Multi-tensor (foreach) updates, no host synchronisation."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["eta"] is not None:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norm, g_norm = torch._foreach_norm(params), torch._foreach_norm(grads)
+                torch._foreach_mul_(grads, [torch.where((w > 0) & (g > 0), group["eta"] * w / g, 1.0)
+                                            for w, g in zip(w_norm, g_norm)])
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
 # --- Evaluation ---
-def _to_device(x, device):
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
+def eval_transform(size):
+    resize = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)] if size > 64 else [
+        v2.Resize(size, antialias=True)]
+    return v2.Compose([v2.ToImage(), *resize, *_to_float()])
+
+
+class Labelled(torch.utils.data.Dataset):
+    """index -> (eval-transformed image, label) for the kNN memory bank and the linear probe."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self.transform(image), label
 
 
 @torch.no_grad()
@@ -327,7 +385,7 @@ def extract_features(backbone, loader, device, amp):
     feats, labels = [], []
     for x, y in loader:
         with common.autocast(device, amp):
-            feats.append(backbone(_to_device(x, device)).float())
+            feats.append(backbone(to_device(x, device)).float())
         labels.append(y.to(device))
     backbone.train(was_training)
     return torch.cat(feats), torch.cat(labels)
@@ -379,45 +437,31 @@ def evaluate(backbone, memory_loader, val_loader, classes, args, device, amp):
 
 
 # --- Train ---
-class LARS(torch.optim.Optimizer):
-    """SimCLR's optimizer (You et al. 2017): SGD with momentum where each weight tensor's step is rescaled by the
-    trust ratio eta * ||w|| / ||g + wd * w||. Groups with eta=None (biases, BatchNorm) get plain momentum SGD and
-    no weight decay, as in SimCLR. Multi-tensor (foreach) updates, no host synchronisation."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=1e-6, eta=1e-3):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["eta"] is not None:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norm, g_norm = torch._foreach_norm(params), torch._foreach_norm(grads)
-                torch._foreach_mul_(grads, [torch.where((w > 0) & (g > 0), group["eta"] * w / g, 1.0)
-                                            for w, g in zip(w_norm, g_norm)])
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+def train_step(train_model, optimizer, scaler, x1, x2, loss_fn, device, amp):
+    """One SimCLR step: both views in one forward pass (BatchNorm sees the 2B images, as SimCLR), the loss over the
+    global batch in fp32 outside autocast, backward (DDP averages the gradients over processes), the optimizer
+    step. No host synchronisation; returns the detached (loss, z1, z2)."""
+    with common.autocast(device, amp):
+        z1, z2 = train_model(torch.cat([to_device(x1, device), to_device(x2, device)])).chunk(2)
+    loss = loss_fn(z1, z2)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), z1.detach(), z2.detach()
 
 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup_distributed()
+    check_args(args, world)
     amp = args.amp or common.default_amp(device)
-    if args.batch_size * world < 2:
-        raise SystemExit("error: DCL needs at least 2 images in the global batch for negatives; raise --batch-size")
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
     train_set, val_set, classes, native_size = load_datasets(args)
     size = args.image_size or native_size
     sampler = common.ResumableSampler(len(train_set), args.batch_size, seed=args.seed)
-    state = common.load_checkpoint(ckpt_path, "dcl") if os.path.exists(ckpt_path) else None
     common.seed_everything(args.seed)  # the same initial model on every rank
     model = SimCLR(args.arch, size, args.proj_dim).to(device)
     if device.type == "cuda":
@@ -425,33 +469,30 @@ def main(argv=None):
         if world > 1:  # SimCLR's global BN; on CPU (gloo) BatchNorm statistics stay per process
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     common.seed_everything(args.seed + rank)
+    global_batch = args.batch_size * world
+    lr = args.lr * math.sqrt(global_batch)  # SimCLR's square-root rule on the GLOBAL batch
+    weights = [p for p in model.parameters() if p.ndim > 1]
+    others = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm: no weight decay, no trust ratio
+    optimizer = LARS([{"params": weights}, {"params": others, "weight_decay": 0.0, "eta": None}], lr=lr,
+                     momentum=args.momentum, weight_decay=args.weight_decay, eta=args.lars_eta)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    # after the models: a resumed run restores this rank's RNG state over the initialisation's draws
+    state = common.load_checkpoint(ckpt_path, "dcl", resume=not args.eval_only)
 
     eval_kw = dict(batch_size=max(args.batch_size, 256), num_workers=args.workers, pin_memory=device.type == "cuda")
     memory_loader = torch.utils.data.DataLoader(Labelled(train_set, eval_transform(size)), **eval_kw)
     val_loader = torch.utils.data.DataLoader(Labelled(val_set, eval_transform(size)), **eval_kw)
-    run_eval = functools.partial(evaluate, memory_loader=memory_loader, val_loader=val_loader, classes=classes,
-                                 args=args, device=device, amp=amp)
+    eval_data = (memory_loader, val_loader, classes, args, device, amp)
     step, init_metrics = 0, {}
     if state is not None:
-        common.load_state(model, state["model"], ckpt_path)
+        common.restore(state, ckpt_path, model=model)
+        if not args.eval_only:
+            common.restore(state, ckpt_path, optimizer=optimizer, scaler=scaler)
         step, init_metrics = state["step"], state["metrics_init"]
         common.print0(f"loaded {ckpt_path} (step {step})")
     elif args.tiny and rank == 0:  # the random-initialisation baseline, printed beside the trained numbers
-        init_metrics = run_eval(model.backbone)
+        init_metrics = evaluate(model.backbone, *eval_data)
 
-    global_batch = args.batch_size * world
-    lr = args.lr * math.sqrt(global_batch)
-    weights = [p for p in model.parameters() if p.ndim > 1]
-    others = [p for p in model.parameters() if p.ndim <= 1]  # biases and BatchNorm: no weight decay, no trust ratio
-    optimizer = LARS([{"params": weights}, {"params": others, "weight_decay": 0.0, "eta": None}], lr=lr,
-                     momentum=args.momentum, weight_decay=args.weight_decay, eta=args.lars_eta)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    if state is not None and not args.eval_only:
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        if rank < len(state["rng"]):
-            common.set_rng_state(state["rng"][rank])
     loader = torch.utils.data.DataLoader(TwoViews(train_set, simclr_transform(size)), batch_size=args.batch_size,
                                          sampler=sampler, num_workers=args.workers, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
@@ -461,44 +502,34 @@ def main(argv=None):
     if args.eval_only:
         total = step
 
-    train_model = torch.compile(model) if args.compile else model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_kw = {"sigma": args.sigma} if args.loss == "dclw" else {}
+    train_model = common.distribute(model, device, args.compile)  # DDP, then torch.compile
+    loss_fn = loss_function(args)
     common.print0(f"{args.loss} | {args.arch} | global batch {global_batch} = {args.batch_size} x {world} | "
                   f"lr {lr:.4g} | {len(train_set)} images, {classes} classes, {size} px | "
                   f"{steps_per_epoch} steps/epoch, {total} steps")
 
-    def save():
-        rng = common.gather_objects(common.rng_state())  # a collective: every rank calls it
-        if rank == 0:
-            common.save_checkpoint(ckpt_path, {
-                "method": "dcl", "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
-                "epoch": step // steps_per_epoch, "step": step, "rng": rng, "metrics_init": init_metrics})
+    def save():  # a collective: every rank calls it; refuses to overwrite with non-finite parameters
+        common.save_checkpoint(ckpt_path, "dcl", step, {
+            "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "metrics_init": init_metrics},
+            finite=[model])
 
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="dcl")
     t0, seen = time.time(), 0
+    model.train()  # the one place: evaluation restores the mode it found, but a model starts training here
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
         for x1, x2 in loader:
             for group in optimizer.param_groups:
                 group["lr"] = schedule[step]
-            with common.autocast(device, amp):  # both views in one pass: BatchNorm sees the 2B images (SimCLR)
-                z1, z2 = train_model(torch.cat([_to_device(x1, device), _to_device(x2, device)])).chunk(2)
-            loss = LOSSES[args.loss](z1, z2, args.temperature, gather=True, **loss_kw)  # fp32 inside
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, z1, z2 = train_step(train_model, optimizer, scaler, x1, x2, loss_fn, device, amp)
             step, seen = step + 1, seen + global_batch
             bar.update()
             if step % args.log_every == 0 or step == total or step % steps_per_epoch == 0:  # also before every save
-                with torch.no_grad():  # global-batch means of the loss and of the positives' cosine (alignment)
-                    stats = torch.stack([loss.detach(), F.cosine_similarity(z1.float(), z2.float()).mean()])
-                    loss_v, pos_v = (common.all_reduce_sum(stats) / world).tolist()
+                # global-batch means of the loss and of the positives' cosine (alignment): the only host sync
+                stats = torch.stack([loss, F.cosine_similarity(z1.float(), z2.float()).mean()])
+                loss_v, pos_v = (common.all_reduce_sum(stats) / world).tolist()
                 if not math.isfinite(loss_v):
                     raise SystemExit(f"error: loss is {loss_v} at step {step}; the last good checkpoint in "
                                      f"{args.output_dir} is untouched; lower --lr or use --amp none")
@@ -513,7 +544,7 @@ def main(argv=None):
     bar.close()
 
     if rank == 0:  # evaluation has no collectives; the other ranks just finish
-        metrics = run_eval(model.backbone)
+        metrics = evaluate(model.backbone, *eval_data)
         metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
         common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
         common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
