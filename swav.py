@@ -10,16 +10,18 @@ no momentum encoder; an optional FIFO queue of past embeddings only enlarges the
 Implemented here (paper -> function): Eq. 1-2, the swapped prediction over all crops -> `swav_loss`; Sec. 3.1, codes
 as the entropic transport solution Diag(u) exp(C^T Z / eps) Diag(v) by 3 Sinkhorn-Knopp iterations, all-reduced so the
 equipartition is over the global batch -> `sinkhorn`, and the queue for small batches -> `SwAVQueue`; Sec. 3.2
-multi-crop -> `multicrop_transform`, `SwAV.forward`; implementation details (appendix, official main_swav.py):
-prototypes normalised every step and frozen at first -> `normalize_prototypes_`, `freeze_prototype_grads_`, LARS with
-warmup + cosine lr -> `LARS`, `lr_schedule`; linear evaluation on frozen features -> `linear_probe`, plus a weighted
-kNN -> `knn_accuracy`. Defaults: the official 200-epoch batch-256 recipe (ResNet-50, 2x224 + 6x96 crops, 3000
-prototypes, queue 3840 from epoch 15; 72.7% linear top-1 on ImageNet).
+multi-crop -> `multicrop_transform`, `SwAV.forward`; as main_swav.py: prototypes normalised every step and frozen at
+first -> `normalize_prototypes_`, `freeze_prototype_grads_`, SGD wrapped in LARC with warmup + cosine lr -> `LARS`,
+`lr_schedule`, the queue trimmed to a multiple of the global batch -> `check_args`; linear evaluation as
+eval_linear.py (fresh crops every epoch, best top-1 over the epochs) -> `linear_probe`, plus a weighted kNN ->
+`knn_accuracy`; a run stuck at loss ln K stops -> `CollapseGuard`. Defaults: the 200-epoch batch-256 recipe of
+swav_200ep_bs256_pretrain.sh (ResNet-50, 2x224 + 6x96 crops, 3000 prototypes, lr 0.6, queue 3840 from epoch 15;
+72.7% linear top-1 on ImageNet in the official README) when the global batch is 256.
 
-  python swav.py --tiny                                                     # CPU smoke run, < 1 minute
+  python swav.py --tiny                                                     # CPU smoke run, about a minute
   python swav.py --data ~/data/cifar10 --arch cifar_resnet18 --size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 \\
       --max-scale-crops 1 --batch-size 256 --freeze-prototypes-niters 195 --queue-length 0  # 1 GPU, CIFAR [inferred]
-  torchrun --nproc_per_node=8 swav.py --data /data/imagenet --batch-size 32     # paper: global batch 256, 200 ep
+  torchrun --nproc_per_node=8 swav.py --data /data/imagenet --batch-size 32     # global batch 256, lr 0.6, 200 ep
   torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 \\
       swav.py --data /data/imagenet --batch-size 16
 """
@@ -40,12 +42,12 @@ import common
 
 # --- Arguments ---
 # --tiny [inferred]: 2x32 + 2x16-px crops, 2 epochs of 64 steps at batch 32. It keeps the paper's K = 3000 and D = 128
-# and uses the batch-4096 recipe's warmup (0.3 -> 4.8): with K = 30-300, or without the warmup, runs this short often
-# collapsed to loss = ln K.
+# and uses the batch-4096 recipe's warmup (0.3 -> 4.8): on the built-in textures, K = 30-300 or no warmup often
+# collapsed to loss = ln K in runs this short. On real 32-px digits it still collapses (CollapseGuard stops it).
 TINY = dict(epochs=2, batch_size=32, lr=4.8, final_lr=0.0048, warmup_epochs=1, start_warmup=0.3, workers=0,
             log_every=10, arch="small_cnn", hidden_mlp=128, size_crops=[32, 16], nmb_crops=[2, 2],
             min_scale_crops=[0.3, 0.1], max_scale_crops=[1.0, 0.3], freeze_prototypes_niters=20, queue_length=128,
-            epoch_queue_starts=1)
+            epoch_queue_starts=1, collapse_window=15, probe_fixed_features=True, probe_standardize=True)
 
 
 def get_args(argv=None):
@@ -55,19 +57,21 @@ def get_args(argv=None):
                    "folder holding torchvision's cifar-10-batches-py or cifar-100-python (never downloaded)")
     p.add_argument("--output-dir", default="runs/swav")
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=64, help="per process (official: 64 per GPU; global 256)")
-    p.add_argument("--lr", type=float, default=0.6, help="base_lr of the official script for global batch 256 "
-                   "(4.8 for 4096); not rescaled with the batch: the authors advise linear scaling or a grid search")
+    p.add_argument("--batch-size", type=int, default=64, help="per process (swav_200ep_bs256_pretrain.sh: 64 x 4 "
+                   "GPUs = 256; the official README's 8-GPU line: 32 x 8 = 256)")
+    p.add_argument("--lr", type=float, default=0.6, help="base_lr of the batch-256 recipe (4.8 at 4096); not "
+                   "rescaled with the batch: the authors advise linear scaling or a grid search")
     p.add_argument("--weight-decay", type=float, default=1e-6)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=31)
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the checkpoint in --output-dir (or the untrained model)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps; 0 = evaluate the untrained model")
-    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data: CPU smoke run")
+    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data unless --data")
     p.add_argument("--log-every", type=int, default=50)
     m = p.add_argument_group("method")
     m.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -86,22 +90,32 @@ def get_args(argv=None):
     m.add_argument("--max-scale-crops", type=float, nargs="+", default=[1.0, 0.14], help="RandomResizedCrop max scale")
     m.add_argument("--final-lr", type=float, default=0.0006, help="lr at the end of the cosine schedule")
     m.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup epochs (10 in the batch-4096 recipe)")
-    m.add_argument("--start-warmup", type=float, default=0.0, help="lr at the start of the warmup (0.3 at batch 4096)")
+    m.add_argument("--start-warmup", type=float, default=0.0, help="lr at the start of the warmup")
     m.add_argument("--freeze-prototypes-niters", type=int, default=5005, help="iterations without prototype updates "
                    "(one ImageNet epoch: 5005 at batch 256, 313 at 4096)")
     m.add_argument("--queue-length", type=int, default=3840, help="rows of the queue of past embeddings over all "
-                   "processes (0: none); a multiple of the global batch")
+                   "processes (0: none); trimmed to a multiple of the global batch, as main_swav.py")
     m.add_argument("--epoch-queue-starts", type=int, default=15, help="epoch at which the queue is created")
     m.add_argument("--lars-trust", type=float, default=0.001, help="trust coefficient eta of LARC (apex, clip=False)")
+    m.add_argument("--collapse-window", type=int, default=2000, help="stop when the loss stays within 0.01 of ln K "
+                   "for this many steps after warmup and prototype freezing (collapse, pitfall #12); 0: never")
     m.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN evaluation [inferred: lightly]")
     m.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights [inferred: lightly]")
     m.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe (eval_linear.py)")
     m.add_argument("--probe-lr", type=float, default=0.3, help="lr of the linear probe at batch 256 (eval_linear.py)")
+    m.add_argument("--probe-fixed-features", action="store_true", help="[deviation] train the probe on centre-crop "
+                   "features computed once, not on fresh RandomResizedCrops every epoch (fast; --tiny)")
+    m.add_argument("--probe-standardize", action="store_true", help="[deviation] standardise probe features with "
+                   "training statistics (keeps lr 0.3 sound for small backbones; --tiny)")
     args = p.parse_args(argv)
-    if args.tiny:  # tiny values only where the user kept the default
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    for k, v in (TINY if args.tiny else {}).items():
+        if getattr(args, k) == p.get_default(k):  # tiny values only where the user kept the default
+            setattr(args, k, v)
+    return args
+
+
+def check_args(args, world):
+    """Every check of the flags and the world size (no file system): one-line errors; trims the queue."""
     crop_flags = (args.nmb_crops, args.size_crops, args.min_scale_crops, args.max_scale_crops)
     if len({len(c) for c in crop_flags}) != 1:
         raise SystemExit("error: --nmb-crops, --size-crops, --min-scale-crops and --max-scale-crops need one value "
@@ -109,8 +123,17 @@ def get_args(argv=None):
     if not all(0 <= i < sum(args.nmb_crops) for i in args.crops_for_assign) or sum(args.nmb_crops) < 2:
         raise SystemExit(f"error: --crops-for-assign {args.crops_for_assign} must index the {sum(args.nmb_crops)} "
                          "crops of --nmb-crops (at least 2 crops); use e.g. 0 1")
-    if min(args.temperature, args.epsilon) <= 0 or args.queue_length < 0:
-        raise SystemExit("error: --temperature and --epsilon must be positive and --queue-length non-negative")
+    if min(args.temperature, args.epsilon) <= 0 or args.queue_length < 0 or args.batch_size < 1:
+        raise SystemExit("error: --temperature, --epsilon and --batch-size must be positive and --queue-length "
+                         "non-negative")
+    global_batch = args.batch_size * world
+    if args.queue_length % global_batch:  # the queue shifts by whole batches: main_swav.py trims it
+        if args.queue_length < global_batch:
+            raise SystemExit(f"error: --queue-length {args.queue_length} is shorter than the global batch "
+                             f"{global_batch} = {args.batch_size} x {world}; use at least {global_batch} (or 0)")
+        args.queue_length -= args.queue_length % global_batch
+        common.print0(f"queue length {args.queue_length}: --queue-length trimmed to a multiple of the global batch "
+                      f"{global_batch} = {args.batch_size} x {world}")
     return args
 
 
@@ -129,14 +152,20 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
     def __init__(self, n, seed, size=32):
         g = torch.Generator().manual_seed(seed)
-        rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=g)
+
         self.labels = torch.randint(0, len(self.classes), (n,), generator=g)
         c = torch.arange(size, dtype=torch.float32)
         yy, xx = torch.meshgrid(c, c, indexing="ij")  # (S, S) pixel coordinates
         f, phase = 2 * math.pi / (6 + 6 * rand(n, 1, 1)), 2 * math.pi * rand(n, 1, 1)  # (n, 1, 1)
         sign = torch.where(rand(n, 1, 1) < 0.5, -1.0, 1.0)  # diagonal stripes: either diagonal (a flip swaps them)
         x0, y0 = size * rand(n, 1, 1), size * rand(n, 1, 1)
-        wave = lambda t: torch.sin(f * t + phase)  # noqa: E731
+
+        def wave(t):
+            return torch.sin(f * t + phase)
+
         sx, sy, r2 = wave(xx), wave(yy), 2 ** 0.5
         patterns = [sy > 0, sx > 0, wave((xx + sign * yy) / r2) > 0, (sx > 0) ^ (sy > 0),
                     (wave((xx + yy) / r2) > 0) ^ (wave((xx - yy) / r2) > 0), (sx > 0.6) & (sy > 0.6),
@@ -155,6 +184,8 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], int(self.labels[i])
+
+
 
 
 def load_datasets(args):
@@ -181,45 +212,13 @@ def load_datasets(args):
         raise SystemExit(f"error: cannot read --data {root}: {str(e).splitlines()[0]}; check the folder") from None
     if train.classes != val.classes:
         raise SystemExit(f"error: {root}/train and {root}/val have different class folders; make them the same")
-    return train, val, len(train.classes), True
+    return train, val, len(train.classes), min(train[0][0].size) > 64
 
 
-class MultiCrop:
-    def __init__(self, transforms):
-        self.transforms = transforms
-
-    def __call__(self, image):
-        return [t(image) for t in self.transforms]
-
-
-def multicrop_transform(size_crops=(224, 96), nmb_crops=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14)):
-    """Sec. 3.2 multi-crop, as the official MultiCropDataset: per crop RandomResizedCrop, flip, colour jitter
-    (0.8, 0.8, 0.8, 0.2) w.p. 0.8, grayscale w.p. 0.2, Gaussian blur sigma U(0.1, 2) w.p. 0.5 (PIL radius = sigma)
-    on crops above 64 px only [inferred].
-    image -> list of sum(nmb_crops) normalised float tensors, large crops first."""
-    crops = []
-    for size, n, lo, hi in zip(size_crops, nmb_crops, min_scale, max_scale):
-        # The blur radius is in pixels: mild at 224 and 96 px, it erases 32-px images (CIFAR recipes drop it).
-        blur = [v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5)] if size > 64 else []
-        t = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True),
-                        v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-                        v2.RandomGrayscale(p=0.2), *blur,
-                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD), v2.ToPureTensor()])
-        crops += [t] * n
-    return MultiCrop(crops)
-
-
-def eval_transform(size, resize):
-    """eval_linear.py: Resize(256) + CenterCrop(224), scaled to `size`; 32-px data is used as is."""
-    crop = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)] if resize else [
-        v2.Resize(size, antialias=True)]
-    return v2.Compose([v2.ToImage(), *crop, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD),
-                       v2.ToPureTensor()])
-
-
-class MultiCropDataset(torch.utils.data.Dataset):
-    """(index, sample_seed) from common.ResumableSampler -> list of crops. Seeding makes the crops depend on
-    (seed, epoch, index) only, so resume is exact and two processes see the one-process global batch."""
+class Seeded(torch.utils.data.Dataset):
+    """(index, sample_seed) from common.ResumableSampler -> (transform(image), label), the transform's randomness
+    seeded by sample_seed: crops depend on (seed, epoch, index) only, so resume is exact and two processes see the
+    one-process global batch, and no augmentation draws from the training RNG."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -229,23 +228,9 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         index, sample_seed = key
-        image = self.base[index][0]
-        with common.seeded(sample_seed):
-            return self.transform(image)
-
-
-class Labelled(torch.utils.data.Dataset):
-    """index -> (eval-transformed image, label) for the kNN memory and the linear probe."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
         image, label = self.base[index]
-        return self.transform(image), label
+        with common.seeded(sample_seed):
+            return self.transform(image), label
 
 
 # --- Model ---
@@ -306,13 +291,17 @@ class SwAV(nn.Module):
 
 
 # --- Method ---
+def _identity(t):
+    return t
+
+
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3, world_size=1, all_reduce=None):
     """Sec. 3.1 codes Q* = Diag(u) exp(C^T Z / eps) Diag(v), by Sinkhorn-Knopp as the official distributed_sinkhorn.
     scores (b, K) of this process's b samples (queue rows included) -> soft codes (b, K), rows summing to 1.
     all_reduce sums a tensor over processes in place (None when alone), so the equipartition is over the global
     batch of B = b * world_size samples: every process gets the codes one process holding all of them would."""
-    all_reduce = all_reduce or (lambda t: t)
+    all_reduce = all_reduce or _identity
     scores = scores.detach().float()  # fp32 under autocast too: exp(1 / 0.05) = 4.9e8 overflows fp16
     # A shift common to all processes cancels in the first normalisation; the mean of the per-process maxima is one
     # that a SUM all-reduce can give, and it keeps exp() from overflowing (pitfall: NaN codes from unnormalised z).
@@ -390,6 +379,31 @@ class SwAVQueue:
         self.n_pushed = state["n_pushed"]
 
 
+class MultiCrop:
+    """image -> list of crops, one transform per crop (large crops first)."""
+
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, image):
+        return [t(image) for t in self.transforms]
+
+
+def multicrop_transform(size_crops=(224, 96), nmb_crops=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14)):
+    """Sec. 3.2 multi-crop, as the official MultiCropDataset: per crop RandomResizedCrop, flip, colour jitter
+    (0.8, 0.8, 0.8, 0.2) w.p. 0.8, grayscale w.p. 0.2, Gaussian blur sigma U(0.1, 2) w.p. 0.5 (PIL radius = sigma)
+    on crops above 64 px only [inferred: the radius is in pixels, and it erases 32-px images].
+    image -> list of sum(nmb_crops) uint8 tensors, large crops first (the device normalises them)."""
+    crops = []
+    for size, n, lo, hi in zip(size_crops, nmb_crops, min_scale, max_scale):
+        blur = [v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5)] if size > 64 else []
+        t = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True),
+                        v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+                        v2.RandomGrayscale(p=0.2), *blur, v2.ToPureTensor()])
+        crops += [t] * n
+    return MultiCrop(crops)
+
+
 def lr_schedule(base_lr, final_lr, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
     """Official per-iteration schedule: linear warmup from start_warmup to base_lr, then cosine to final_lr."""
     return common.cosine_schedule(base_lr, final_lr, epochs * iters_per_epoch, warmup_epochs * iters_per_epoch,
@@ -424,9 +438,39 @@ class LARS(torch.optim.Optimizer):
 
 
 # --- Evaluation ---
-def _to_device(x, device):
+def to_input(x, device):
+    """uint8 images (B, 3, H, W) -> normalised float on the device (channels_last on CUDA)."""
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
+    x = x.to(device, non_blocking=True, memory_format=fmt).float().div_(255)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x - mean) / std
+
+
+def eval_transform(size, resize):
+    """eval_linear.py's test transform: Resize(256) + CenterCrop(224), scaled to `size`; small images resized only."""
+    crop = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)] if resize else [
+        v2.Resize(size, antialias=True)]
+    return v2.Compose([v2.ToImage(), *crop, v2.ToPureTensor()])
+
+
+def probe_train_transform(size):
+    """eval_linear.py's train transform: RandomResizedCrop(224) (scale 0.08-1) + flip, at `size`."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+                       v2.ToPureTensor()])
+
+
+class Labelled(torch.utils.data.Dataset):
+    """index -> (eval-transformed image, label) for the kNN memory and the linear probe's test set."""
+
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        image, label = self.base[index]
+        return self.transform(image), label
 
 
 @torch.no_grad()
@@ -438,14 +482,11 @@ def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0):
     shard = torch.utils.data.Subset(dataset, [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)])
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    was_training = backbone.training
-    backbone.eval()
     feats, labels = [], []
     for x, y in loader:
         with common.autocast(device, amp):
-            feats.append(backbone(_to_device(x, device)).float())
+            feats.append(backbone(to_input(x, device)).float())
         labels.append(y.to(device))
-    backbone.train(was_training)
     return common.concat_all_gather(torch.cat(feats))[:n], common.concat_all_gather(torch.cat(labels))[:n]
 
 
@@ -462,51 +503,114 @@ def knn_accuracy(train_f, train_y, val_f, val_y, n_classes, k=200, t=0.1):
     return 100.0 * correct / len(val_y)
 
 
-def linear_probe(train_f, train_y, val_f, val_y, n_classes, epochs=100, lr=0.3, batch_size=256, weight_decay=1e-6):
-    """eval_linear.py on frozen features: Linear init N(0, 0.01), bias 0, SGD momentum 0.9, wd 1e-6, batch 256,
-    cosine to 0. [inferred] Features are computed once without augmentation (the official probe re-crops every epoch)
-    and standardised with training statistics (its optional BatchNorm on the features, without affine), which keeps
-    lr 0.3 sound for any backbone. Only the linear layer is trained. Top-1 in %."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
-    train_f, val_f = (train_f - mean) / std, (val_f - mean) / std
-    clf = nn.Linear(train_f.shape[1], n_classes).to(train_f.device)
+def linear_probe(batches, val_f, val_y, n_classes, epochs=100, lr=0.3, standardize=None):
+    """eval_linear.py on frozen features: Linear (init N(0, 0.01), bias 0) trained by SGD (momentum 0.9, wd 1e-6,
+    no Nesterov), lr cosine-annealed per epoch to 0, tested on val_f after every epoch. batches(epoch) yields this
+    process's (features, labels); gradients are averaged over processes, as DDP. standardize: (mean, std) applied to
+    all features, or None (official). Returns (best top-1 over the epochs, which eval_linear.py reports, last), in %."""
+    world = common.get_world_size()
+    mean, std = standardize or (0.0, 1.0)
+    clf = nn.Linear(val_f.shape[1], n_classes).to(val_f.device)
     g = torch.Generator().manual_seed(0)  # own RNG: the probe does not move the training RNG
-    clf.weight.data.copy_(torch.randn(clf.weight.shape, generator=g) * 0.01)
+    clf.weight.data.copy_(torch.randn(clf.weight.shape, generator=g).to(val_f.device) * 0.01)
     clf.bias.data.zero_()
-    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(train_f), generator=g).to(train_f.device).split(batch_size):
-                loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-    with torch.no_grad():
-        return 100.0 * (clf(val_f).argmax(1) == val_y).sum().item() / len(val_y)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0.0)
+    best = acc = 0.0
+    for epoch in range(epochs):
+        for f, y in batches(epoch):
+            loss = F.cross_entropy(clf((f - mean) / std), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for p in clf.parameters():
+                common.all_reduce_sum(p.grad).div_(world)
+            opt.step()
+        sched.step()
+        with torch.no_grad():
+            acc = 100.0 * (clf((val_f - mean) / std).argmax(1) == val_y).float().mean().item()
+        best = max(best, acc)
+    return best, acc
 
 
-def evaluate(backbone, train_set, val_set, n_classes, args, device, amp):
-    """Linear probe top-1 (the paper's headline) and weighted kNN top-1, in %, on frozen backbone features."""
-    train_f, train_y = extract_features(backbone, train_set, device, amp, workers=args.workers)
-    val_f, val_y = extract_features(backbone, val_set, device, amp, workers=args.workers)
-    return {"linear_top1": linear_probe(train_f, train_y, val_f, val_y, n_classes, args.probe_epochs, args.probe_lr),
-            "knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, n_classes, args.knn_k, args.knn_t)}
+def evaluate(backbone, train_set, val_set, n_classes, resize, args, device, amp):
+    """Linear probe top-1 (the paper's headline; best over the probe epochs, as eval_linear.py) and weighted kNN
+    top-1, in %, on frozen backbone features (eval mode). The probe re-crops the training images every epoch
+    (RandomResizedCrop + flip) at global batch 256 (eval_linear.py: 32 x 8 GPUs); --probe-fixed-features trains on
+    the centre-crop features computed once instead, and --probe-standardize standardises features [deviations]."""
+    was_training = backbone.training
+    backbone.eval()
+    size, world = args.size_crops[0], common.get_world_size()
+    train_f, train_y = extract_features(backbone, Labelled(train_set, eval_transform(size, resize)), device, amp,
+                                        workers=args.workers)
+    val_f, val_y = extract_features(backbone, Labelled(val_set, eval_transform(size, resize)), device, amp,
+                                    workers=args.workers)
+    sampler = common.ResumableSampler(len(train_set), max(1, min(256, len(train_set)) // world), seed=0)
+    loader = torch.utils.data.DataLoader(Seeded(train_set, probe_train_transform(size)), batch_size=sampler.batch_size,
+                                         sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
+                                         pin_memory=device.type == "cuda")
+
+    def batches(epoch):
+        sampler.set_epoch(epoch)
+        if args.probe_fixed_features:
+            idx = torch.tensor([i for i, _ in sampler], device=device)
+            yield from zip(train_f[idx].split(sampler.batch_size), train_y[idx].split(sampler.batch_size))
+            return
+        for x, y in loader:
+            with torch.no_grad(), common.autocast(device, amp):
+                f = backbone(to_input(x, device)).float()
+            yield f, y.to(device)
+
+    stats = (train_f.mean(0), train_f.std(0) + 1e-6) if args.probe_standardize else None
+    best, last = linear_probe(batches, val_f, val_y, n_classes, args.probe_epochs, args.probe_lr, stats)
+    backbone.train(was_training)
+    return {"linear_top1": best, "knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, n_classes, args.knn_k,
+                                                         args.knn_t), "linear_top1_last_epoch": last}
 
 
 # --- Train ---
+class CollapseGuard:
+    """Pitfall #12: a collapsed SwAV maps every image to one point, its codes are uniform and the loss is ln K.
+    update(step, loss) stops the run (before anything is saved) once the loss has stayed within `tol` of ln K for
+    `window` steps after `start` (the warmup and the frozen prototypes)."""
+
+    def __init__(self, n_prototypes, start, window, tol=0.01):
+        self.ln_k, self.start, self.window, self.tol, self.since = math.log(n_prototypes), start, window, tol, None
+
+    def update(self, step, loss):
+        if not self.window or step <= self.start or abs(loss - self.ln_k) >= self.tol:
+            self.since = None
+            return
+        self.since = step if self.since is None else self.since
+        if step - self.since >= self.window:
+            raise SystemExit(f"error: collapse: the loss stayed within {self.tol} of ln K = {self.ln_k:.4f} from step "
+                             f"{self.since} to {step} (every image gets the same code); nothing was saved after it. "
+                             "Try --epsilon 0.03, fewer --nmb-prototypes, a lower --lr, more "
+                             "--freeze-prototypes-niters or no queue (official README, 'Common issues')")
+
+
+def train_step(train_model, model, crops, queue, args, amp):
+    """Forward, loss and backward on this process's share of the global batch (gradients of the global-batch mean
+    once DDP averages them). crops: uint8 tensors on the device, large first. Returns (loss, queue_in_use)."""
+    n_crops = len(crops)
+    normalize_prototypes_(model.prototypes)
+    with common.autocast(crops[0].device, amp):
+        z, scores = train_model([to_input(c, c.device) for c in crops])
+    queue_scores = queue.scores(model.prototypes.weight) if queue is not None and queue.full else None
+    loss = swav_loss(list(scores.chunk(n_crops)), args.crops_for_assign, args.temperature, args.epsilon,
+                     args.sinkhorn_iterations, queue_scores, common.get_world_size(), common.all_reduce_sum)
+    if queue is not None:  # after the codes: the current batch is not its own queue
+        queue.push([z.detach().chunk(n_crops)[i] for i in args.crops_for_assign])
+    return loss, queue_scores is not None
+
+
 def main(argv=None):
     args = get_args(argv)
     if args.tiny and "OMP_NUM_THREADS" not in os.environ:  # ops on 32-px crops are too small to gain from threads,
         torch.set_num_threads(1)  # and on a busy machine spinning OpenMP threads made --tiny 10x slower (measured)
     rank, world, device = common.setup_distributed()
+    check_args(args, world)
     amp = args.amp or common.default_amp(device)
     global_batch = args.batch_size * world
-    if args.queue_length % global_batch:
-        ok = max(global_batch, args.queue_length - args.queue_length % global_batch)
-        raise SystemExit(f"error: --queue-length {args.queue_length} is not a multiple of the global batch "
-                         f"{global_batch} = {args.batch_size} x {world}; use e.g. {ok} (or 0 for no queue)")
     os.makedirs(args.output_dir, exist_ok=True)
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pt")
 
@@ -518,87 +622,55 @@ def main(argv=None):
         if world > 1:  # official: SyncBN, so the batch statistics are those of the global batch
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     common.seed_everything(args.seed + rank)
-
-    eval_sets = [Labelled(s, eval_transform(args.size_crops[0], resize)) for s in (train_set, val_set)]
-    run_eval = lambda: evaluate(model.backbone, *eval_sets, n_classes, args, device, amp)  # noqa: E731
-    init_metrics = run_eval() if args.tiny else {}
+    init_metrics = evaluate(model.backbone, train_set, val_set, n_classes, resize, args, device, amp) \
+        if args.tiny and not args.eval_only else {}
 
     sampler = common.ResumableSampler(len(train_set), args.batch_size, seed=args.seed)
     transform = multicrop_transform(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops)
-    loader = torch.utils.data.DataLoader(MultiCropDataset(train_set, transform), batch_size=args.batch_size,
-                                         sampler=sampler, num_workers=args.workers, drop_last=True,
-                                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(Seeded(train_set, transform), batch_size=args.batch_size, sampler=sampler,
+                                         num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.workers > 0)
     steps_per_epoch = sampler.steps_per_epoch
     schedule = lr_schedule(args.lr, args.final_lr, args.epochs, steps_per_epoch, args.warmup_epochs, args.start_warmup)
     total = args.epochs * steps_per_epoch
     total = total if args.max_steps is None else min(args.max_steps, total)
     optimizer = LARS(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, trust_coefficient=args.lars_trust)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    n_assign, n_crops = len(args.crops_for_assign), sum(args.nmb_crops)
-    new_queue = lambda: SwAVQueue(n_assign, args.queue_length // world, args.feat_dim, device)  # noqa: E731
+    opt_state = {"optimizer": optimizer, **({"scaler": scaler} if scaler.is_enabled() else {})}
 
     step, queue = 0, None
-    if os.path.exists(ckpt_path):
-        state = common.load_checkpoint(ckpt_path, "swav")
-        common.load_state(model, state["model"], ckpt_path)
+    state = common.load_checkpoint(ckpt_path, "swav", resume=not args.eval_only)  # restores this rank's RNG
+    if state is not None:
+        common.restore(state, ckpt_path, model=model, **({} if args.eval_only else opt_state))
         step = state["step"]
-        if not args.eval_only:
-            if len(state["rng"]) != world:
-                raise SystemExit(f"error: {ckpt_path} was written by {len(state['rng'])} processes, this run has "
-                                 f"{world}; resume with the same number or choose another --output-dir")
-            optimizer.load_state_dict(state["optimizer"])
-            if "scaler" in state:
-                scaler.load_state_dict(state["scaler"])
-            if state["queue"][rank] is not None:
-                queue = new_queue()
-                queue.load_state_dict(state["queue"][rank])
-            common.set_rng_state(state["rng"][rank])
+        if not args.eval_only and state["rank"].get("queue") is not None:
+            queue = SwAVQueue(len(args.crops_for_assign), args.queue_length // world, args.feat_dim, device)
+            common.load_state(queue, state["rank"]["queue"], ckpt_path)
         common.print0(f"resumed from {ckpt_path} at step {step}")
     if args.eval_only:
         total = step
 
-    train_model = torch.compile(model) if args.compile else model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = common.distribute(model, device, args.compile)
     common.print0(f"swav | {args.arch} | global batch {global_batch} = {args.batch_size} x {world} | lr {args.lr:g} | "
                   f"{len(train_set)} images, {n_classes} classes | crops {args.nmb_crops} x {args.size_crops} px | "
-                  f"K {args.nmb_prototypes} | queue {args.queue_length} from epoch {args.epoch_queue_starts} | "
-                  f"{steps_per_epoch} steps/epoch, {total} steps")
-
-    def check_finite(loss):
-        if not math.isfinite(loss):
-            raise SystemExit(f"error: loss is {loss} at step {step}; the last good checkpoint in {args.output_dir} "
-                             "is untouched; lower --lr or use --amp none")
-
-    def save():
-        rng = common.gather_objects(common.rng_state())  # collectives: every rank calls them
-        queues = common.gather_objects(queue.state_dict() if queue is not None else None)
-        if rank == 0:
-            common.save_checkpoint(ckpt_path, {
-                "method": "swav", "args": vars(args), "model": model.state_dict(), "queue": queues,
-                "optimizer": optimizer.state_dict(), **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
-                "epoch": step // steps_per_epoch, "step": step, "rng": rng})
-
-    all_reduce = common.all_reduce_sum
+                  f"K {args.nmb_prototypes} | eps {args.epsilon:g} | queue {args.queue_length} from epoch "
+                  f"{args.epoch_queue_starts} | {steps_per_epoch} steps/epoch, {total} steps")
+    guard = CollapseGuard(args.nmb_prototypes, max(args.freeze_prototypes_niters, args.warmup_epochs * steps_per_epoch),
+                          args.collapse_window)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="swav")
     t0, seen = time.time(), 0
+    model.train()  # the one place: evaluation and from-checkpoint paths leave it in eval mode
     while step < total:
         epoch = step // steps_per_epoch
         if queue is None and args.queue_length and epoch >= args.epoch_queue_starts:
-            queue = new_queue()  # Sec. 3.1: for small batches; started late, once the features have settled
+            # Sec. 3.1: for small batches; started late, once the features have settled
+            queue = SwAVQueue(len(args.crops_for_assign), args.queue_length // world, args.feat_dim, device)
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
-        for crops in loader:
+        for crops, _ in loader:
             for group in optimizer.param_groups:
                 group["lr"] = schedule[step]
-            normalize_prototypes_(model.prototypes)
-            with common.autocast(device, amp):
-                z, scores = train_model([_to_device(c, device) for c in crops])
-            queue_scores = queue.scores(model.prototypes.weight) if queue is not None and queue.full else None
-            loss = swav_loss(list(scores.chunk(n_crops)), args.crops_for_assign, args.temperature, args.epsilon,
-                             args.sinkhorn_iterations, queue_scores, world, all_reduce)
-            if queue is not None:
-                queue.push([z.detach().chunk(n_crops)[i] for i in args.crops_for_assign])
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            loss, queue_in_use = train_step(train_model, model, crops, queue, args, amp)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             freeze_prototype_grads_(model, step, args.freeze_prototypes_niters)
@@ -607,21 +679,27 @@ def main(argv=None):
             step, seen = step + 1, seen + global_batch
             bar.update()
             if step % args.log_every == 0 or step == total or step % steps_per_epoch == 0:
-                loss_v = (all_reduce(loss.detach().reshape(1).clone()) / world).item()  # global-batch mean
-                check_finite(loss_v)  # before anything is saved
+                loss_v = (common.all_reduce_sum(loss.detach().reshape(1).clone()) / world).item()  # global mean
+                if not math.isfinite(loss_v):  # before anything is saved
+                    raise SystemExit(f"error: loss is {loss_v} at step {step}; the last good checkpoint in "
+                                     f"{args.output_dir} is untouched; lower --lr or use --amp none")
                 common.log_jsonl(args.output_dir, {
                     "step": step, "epoch": epoch, "loss": loss_v,
                     "loss_minus_ln_k": loss_v - math.log(args.nmb_prototypes),  # stuck near 0 = collapse
-                    "queue_in_use": queue_scores is not None, "lr": schedule[step - 1],
+                    "queue_in_use": queue_in_use, "lr": schedule[step - 1],
                     "samples_per_s": seen / (time.time() - t0)})
                 bar.set_postfix(loss=f"{loss_v:.4f}")
+                guard.update(step, loss_v)
                 t0, seen = time.time(), 0
             if step == total:
                 break
-        save()  # at every epoch end and when --max-steps stops the run
+        common.save_checkpoint(ckpt_path, "swav", step, {  # at every epoch end and when --max-steps stops the run
+            "args": vars(args), "model": model.state_dict(), "epoch": step // steps_per_epoch,
+            **{k: v.state_dict() for k, v in opt_state.items()}},
+            per_rank={"queue": queue.state_dict() if queue is not None else None}, finite=[model])
     bar.close()
 
-    metrics = run_eval()  # every rank embeds a shard; only rank 0 writes
+    metrics = evaluate(model.backbone, train_set, val_set, n_classes, resize, args, device, amp)
     metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
     common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
     common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
