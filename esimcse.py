@@ -5,13 +5,14 @@ Official code: github.com/caskcsg/sentemb (folder ESimCSE/).
 Unsupervised SimCSE (dropout noise as the only augmentation, in-batch negatives) with two changes:
 (1) word repetition (Sec. 3.1): the positive view repeats a few random subwords, so that a positive pair no longer
     has the same length and the model cannot use length to find it;
-(2) momentum contrast (Sec. 3.2): a queue of sentence embeddings from a momentum (EMA, 0.995) copy of the encoder,
-    computed on the un-repeated view with dropout off, adds negatives to the in-batch ones.
+(2) momentum contrast (Sec. 3.2): a queue of sentence embeddings from a momentum (EMA, 0.995) encoder, computed
+    on the un-repeated view with dropout off, adds negatives to the in-batch ones. As in the official code the
+    momentum encoder starts from a random initialisation, not from the pretrained weights (--momentum-init copy).
 Sentence embedding: last-layer [CLS]; a Linear+Tanh MLP on top is used during training only.
 
 Where the paper is implemented:
   word_repetition / repeat_at / word_level_repetition  Sec. 3.1 (dup_len rule of the official code; --paper-formula)
-  EmbeddingQueue, momentum branch in main()           Sec. 3.2 (queue of momentum embeddings, EMA update)
+  EmbeddingQueue, train_step                          Sec. 3.2 (queue of momentum embeddings, EMA update)
   esimcse_loss                                        the loss of Sec. 3.2: SimCSE's InfoNCE, queue negatives added
   spearman / eval_sts                                 the SimCSE/SentEval protocol of the experiments: STS12-16
                                                       "all", STS-B and SICK-R test, selection on STS-B dev
@@ -37,7 +38,6 @@ import unicodedata
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
@@ -62,7 +62,8 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="default bf16 on CUDA, none on CPU (the official runs used fp16)")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--tiny", action="store_true")
@@ -83,11 +84,14 @@ def get_args(argv=None):
     m.add_argument("--queue-size", type=int, default=160,
                    help="|Q| in Sec. 3.2 (official neg_size: 160 = 2.5 x batch; 128 for roberta-large); 0 = SimCSE")
     m.add_argument("--momentum", type=float, default=0.995, help="lambda, the EMA coefficient of Sec. 3.2")
+    m.add_argument("--momentum-init", choices=["random", "copy"], default="random",
+                   help="start of the momentum encoder: 'random' (official code: its weights are not in the\n"
+                        "pretrained checkpoint and stay randomly initialised) or 'copy' of the online encoder")
     m.add_argument("--temp", type=float, default=0.05, help="tau, the temperature of the InfoNCE loss (Sec. 3)")
     m.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (HF Trainer default of the runs)")
     m.add_argument("--eval-steps", type=int, default=125,
                    help="evaluate on STS-B dev every N steps and at the last step; the best\n"
-                        "model is kept, tested and exported")
+                        "model is kept, tested and exported; 0 = no dev selection, the last model is")
     m.add_argument("--stsb-path", help="SentEval STSBenchmark folder with sts-dev.csv and sts-test.csv")
     m.add_argument("--sts-dir", help="SentEval STS folder holding STS12-en-test ... STS16-en-test")
     m.add_argument("--sick-path", help="SentEval SICK_test_annotated.txt")
@@ -96,9 +100,26 @@ def get_args(argv=None):
         for k, v in TINY.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    return args
+
+
+def check_args(args, world):
+    """Every check that depends on the flags and the number of processes only (no file system)."""
     if args.queue_size < 0:
         raise SystemExit(f"error: --queue-size {args.queue_size} is negative; use 0 (SimCSE) or a positive size")
-    return args
+    for name in ("batch_size", "max_seq_length"):
+        if getattr(args, name) < (2 if name == "max_seq_length" else 1):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)} is too small")
+    if args.eval_steps < 0:
+        raise SystemExit(f"error: --eval-steps {args.eval_steps} is negative; use 0 to skip dev selection")
+    if not 0 <= args.momentum <= 1 or args.temp <= 0 or not 0 <= args.dup_rate < 1:
+        raise SystemExit("error: need 0 <= --momentum <= 1, --temp > 0 and 0 <= --dup-rate < 1")
+    if args.paper_formula and args.dup_type == "word":
+        raise SystemExit("error: --paper-formula changes the subword rule (--dup-type bpe); the word rule of the "
+                         "official code already has its max(2, .) floor")
+    # the queue keeps the last |Q| rows (official), so it needs no divisibility by the global batch
+    common.print0(f"global batch {args.batch_size * world} ({world} x {args.batch_size}), queue {args.queue_size} = "
+                  f"{args.queue_size / (args.batch_size * world):.2f} x global batch (paper: 64, 160 = 2.5 x)")
 
 
 # --- Data ---
@@ -169,122 +190,6 @@ def read_sentences(path):
     if not sentences:
         raise SystemExit(f"error: {path} holds no sentences; expected one sentence per line")
     return sentences
-
-
-def _fields(path, line, i, n):
-    cols = line.rstrip("\r\n").split("\t")
-    if len(cols) < n:
-        raise SystemExit(f"error: {path} line {i} has {len(cols)} TAB-separated columns, expected {n}")
-    return cols
-
-
-def _score(path, text, i):
-    try:
-        return float(text)
-    except ValueError:
-        raise SystemExit(f"error: {path} line {i}: gold score {text!r} is not a number") from None
-
-
-STS_SUBSETS = {  # the subsets SentEval uses for the "all" setting (STS13 SMT is not distributed)
-    "STS12": ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
-    "STS13": ["FNWN", "headlines", "OnWN"],
-    "STS14": ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
-    "STS15": ["answers-forums", "answers-students", "belief", "headlines", "images"],
-    "STS16": ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
-}
-
-
-def load_sts(path, fmt):
-    """SentEval formats -> (sentences1, sentences2, gold). fmt: 'stsb' (sts-*.csv: TAB-separated, gold in column 4,
-    sentences in 5 and 6, extra columns ignored), 'sick' (header line, then pair_ID, A, B, relatedness, ...),
-    'sts_year_dir' (STS1x-en-test: STS.input.X.txt 's1<TAB>s2' + STS.gs.X.txt, subsets concatenated = 'all')."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: {path} does not exist; see --stsb-path, --sts-dir, --sick-path in --help")
-    pairs = []  # (sentence 1, sentence 2, gold)
-    if fmt in ("stsb", "sick"):
-        col, skip = (4, 0) if fmt == "stsb" else (3, 1)
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if i <= skip or not line.strip():
-                    continue
-                c = _fields(path, line, i, 7 if fmt == "stsb" else 4)
-                a, b = (c[5], c[6]) if fmt == "stsb" else (c[1], c[2])
-                pairs.append((a, b, _score(path, c[col], i)))
-    else:
-        year = os.path.basename(os.path.normpath(path))[:5].upper()
-        if year not in STS_SUBSETS:
-            raise SystemExit(f"error: {path} is not an STS12-en-test ... STS16-en-test folder")
-        for sub in STS_SUBSETS[year]:
-            inp, gs = (os.path.join(path, f"STS.{k}.{sub}.txt") for k in ("input", "gs"))
-            if not (os.path.exists(inp) and os.path.exists(gs)):
-                raise SystemExit(f"error: {path} lacks STS.input.{sub}.txt or STS.gs.{sub}.txt; use SentEval's "
-                                 "get_transfer_data.bash layout")
-            with open(inp, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            with open(gs, encoding="utf-8") as f:
-                scores = f.read().splitlines()
-            if len(lines) != len(scores):
-                raise SystemExit(f"error: {inp} has {len(lines)} lines but {gs} has {len(scores)}")
-            for i, (line, g) in enumerate(zip(lines, scores), 1):
-                if g.strip():  # SentEval drops pairs without a gold score
-                    c = _fields(inp, line, i, 2)
-                    pairs.append((c[0], c[1], _score(gs, g, i)))
-    if not pairs:
-        raise SystemExit(f"error: {path} holds no scored sentence pairs")
-    s1, s2, gold = map(list, zip(*pairs))
-    return s1, s2, gold
-
-
-def eval_tasks(args):
-    """(dev task for model selection, test tasks) as {name: (s1, s2, gold)}; built-in sets when no path is given."""
-    if args.stsb_path:
-        for split in ("dev", "test"):
-            if not os.path.isfile(os.path.join(args.stsb_path, f"sts-{split}.csv")):
-                raise SystemExit(f"error: --stsb-path {args.stsb_path} has no sts-{split}.csv; pass SentEval's "
-                                 "STSBenchmark folder")
-        dev = {"stsb_dev": load_sts(os.path.join(args.stsb_path, "sts-dev.csv"), "stsb")}
-    else:
-        dev = {"synthetic_dev": synthetic_pairs(SYNTH_DEV, seed=1)}
-    test = {}
-    if args.sts_dir:
-        for year in STS_SUBSETS:
-            test[year.lower()] = load_sts(os.path.join(args.sts_dir, f"{year}-en-test"), "sts_year_dir")
-    if args.stsb_path:
-        test["stsb"] = load_sts(os.path.join(args.stsb_path, "sts-test.csv"), "stsb")
-    if args.sick_path:
-        test["sickr"] = load_sts(args.sick_path, "sick")
-    return dev, test or {"synthetic": synthetic_pairs(SYNTH_TEST, seed=2)}
-
-
-def repeat_at(ids, positions):
-    """Emit the token at each chosen position twice, adjacently."""
-    positions = set(positions)
-    out = []
-    for i, t in enumerate(ids):
-        out.extend([t, t] if i in positions else [t])
-    return out
-
-
-def word_repetition(ids, dup_rate, rng, max_dup=10, paper_formula=False):
-    """Sec. 3.1 on subword ids that start and end with special tokens ([CLS] ... [SEP]; <s> ... </s>).
-    Official rule (L = len(ids)): no repetition if int(dup_rate*L) == 0, else n ~ randrange(min(10, int(dup_rate*L)))
-    distinct positions uniformly from 1..L-2. paper_formula: n ~ randint(0, max(2, int(dup_rate*L))), at most L-2.
-    rng: a random.Random or the random module (seeded per sample by the caller)."""
-    L = len(ids)
-    if paper_formula:
-        n = min(rng.randint(0, max(2, int(dup_rate * L))), max(0, L - 2))
-    elif int(dup_rate * L) == 0:
-        return list(ids)
-    else:
-        n = rng.randrange(min(max_dup, int(dup_rate * L)))
-    return repeat_at(ids, rng.sample(range(1, L - 1), n))
-
-
-def word_level_repetition(sentence, dup_rate, rng):
-    """--dup-type word (Sec. 5.2): repeat whitespace words; the last word is never chosen (official code)."""
-    words = sentence.split(" ")
-    n = rng.randrange(min(10, len(words), max(2, int(dup_rate * len(words)))))
-    return " ".join(repeat_at(words, rng.sample(range(len(words) - 1), n)))
 
 
 class SentenceDataset(torch.utils.data.Dataset):
@@ -371,11 +276,43 @@ def build_encoder(args, sentences):
 
 
 # --- Method ---
-class EmbeddingQueue:
-    """FIFO of the last `maxlen` momentum embeddings (Sec. 3.2; official pre_z1): concatenate, keep the last rows."""
+def repeat_at(ids, positions):
+    """Emit the token at each chosen position twice, adjacently."""
+    positions = set(positions)
+    out = []
+    for i, t in enumerate(ids):
+        out.extend([t, t] if i in positions else [t])
+    return out
 
-    def __init__(self, maxlen):
-        self.maxlen, self.buf = maxlen, None
+
+def word_repetition(ids, dup_rate, rng, max_dup=10, paper_formula=False):
+    """Sec. 3.1 on subword ids that start and end with special tokens ([CLS] ... [SEP]; <s> ... </s>).
+    Official rule (L = len(ids)): no repetition if int(dup_rate*L) == 0, else n ~ randrange(min(10, int(dup_rate*L)))
+    distinct positions uniformly from 1..L-2. paper_formula: n ~ randint(0, max(2, int(dup_rate*L))), at most L-2.
+    rng: a random.Random or the random module (seeded per sample by the caller)."""
+    L = len(ids)
+    if paper_formula:
+        n = min(rng.randint(0, max(2, int(dup_rate * L))), max(0, L - 2))
+    elif int(dup_rate * L) == 0:
+        return list(ids)
+    else:
+        n = rng.randrange(min(max_dup, int(dup_rate * L)))
+    return repeat_at(ids, rng.sample(range(1, L - 1), n))
+
+
+def word_level_repetition(sentence, dup_rate, rng):
+    """--dup-type word (Sec. 5.2): repeat whitespace words; the last word is never chosen (official code)."""
+    words = sentence.split(" ")
+    n = rng.randrange(min(10, len(words), max(2, int(dup_rate * len(words)))))
+    return " ".join(repeat_at(words, rng.sample(range(len(words) - 1), n)))
+
+
+class EmbeddingQueue:
+    """FIFO of the last `maxlen` momentum embeddings (Sec. 3.2; official pre_z1): concatenate, keep the last rows.
+    The update is `enqueue`, called by train_step after the loss. Identical on every process (gathered keys)."""
+
+    def __init__(self, maxlen, device="cpu"):
+        self.maxlen, self.device, self.buf = maxlen, device, None
 
     def enqueue(self, x):  # x: (b, d)
         x = x.detach().float()
@@ -393,24 +330,137 @@ class EmbeddingQueue:
     def state_dict(self):
         return {"maxlen": self.maxlen, "buf": None if self.buf is None else self.buf.cpu()}
 
-    def load_state_dict(self, state, device):
+    def load_state_dict(self, state):
         if state["maxlen"] != self.maxlen:
-            raise SystemExit(f"error: checkpoint queue size {state['maxlen']} != --queue-size {self.maxlen}; "
-                             "use the flags it was trained with or another --output-dir")
-        self.buf = None if state["buf"] is None else state["buf"].to(device)
+            raise ValueError(f"checkpoint queue size {state['maxlen']} != --queue-size {self.maxlen}")
+        self.buf = None if state["buf"] is None else state["buf"].to(self.device)
 
 
 def esimcse_loss(z1, z2, queue=None, temp=0.05, offset=0):
     """One-directional InfoNCE of Sec. 3.2 (official: no reverse direction). z1: (B, d) anchors (original view);
     z2: (B', d) positives of the whole global batch (repeated view), row offset+i is the positive of z1[i];
-    queue: (Q, d) momentum embeddings or None. Logits (B, B' + Q) = cos / temp, in fp32."""
-    keys = z2.float() if queue is None or len(queue) == 0 else torch.cat([z2.float(), queue.float()])
-    logits = F.normalize(z1.float(), dim=-1) @ F.normalize(keys, dim=-1).T / temp  # (B, B' + Q)
-    labels = torch.arange(len(z1), device=z1.device) + offset
-    return F.cross_entropy(logits, labels)
+    queue: (Q, d) momentum embeddings or None. Logits (B, B' + Q) = cos / temp, in fp32 even inside autocast:
+    at 1/temp = 20 a bf16 matmul would err by ~0.1 in a logit."""
+    with torch.autocast(z1.device.type, enabled=False):
+        keys = z2.float() if queue is None or len(queue) == 0 else torch.cat([z2.float(), queue.float()])
+        logits = F.normalize(z1.float(), dim=-1) @ F.normalize(keys, dim=-1).T / temp  # (B, B' + Q)
+        labels = torch.arange(len(z1), device=z1.device) + offset
+        return F.cross_entropy(logits, labels)
+
+
+def train_step(train_model, encoder, momentum, queue, opt, scaler, ids, mask, args, rank, device):
+    """One optimiser step of Sec. 3.2 on this process's (B, 2, L) batch; returns the (detached) loss.
+    train_model is `encoder` behind DDP / torch.compile; the momentum encoder and the queue stay outside it."""
+    B, _, L = ids.shape
+    common.ema_update_(momentum, encoder, args.momentum)  # Sec. 3.2; before the keys, as the official code
+    with torch.no_grad(), common.autocast(device, args.amp):
+        # keys: momentum [CLS] of the un-repeated view through the online MLP, dropout off
+        keys = encoder.pooler(momentum(input_ids=ids[:, 0], attention_mask=mask[:, 0]).last_hidden_state)
+    flat_ids, flat_mask = ids.view(2 * B, L), mask.view(2 * B, L)
+    if args.compile:  # the length changes every batch: one graph with a symbolic length, not one per length
+        torch._dynamo.maybe_mark_dynamic(flat_ids, 1)
+        torch._dynamo.maybe_mark_dynamic(flat_mask, 1)
+    with common.autocast(device, args.amp):
+        z = train_model(input_ids=flat_ids, attention_mask=flat_mask).pooler_output
+    z = z.view(B, 2, -1)  # (B, 2, d): both views are rows of one batch -> independent dropout masks
+    z2 = common.all_gather_with_grad(z[:, 1])  # (world*B, d) positives and in-batch negatives
+    loss = esimcse_loss(z[:, 0], z2, queue.get(), args.temp, offset=rank * B)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # DDP averages over processes = the gradient of the global-batch mean
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(encoder.parameters(), args.clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    queue.enqueue(common.concat_all_gather(keys))  # after the loss: a batch never meets its own keys
+    return loss.detach()
 
 
 # --- Evaluation ---
+def _fields(path, line, i, n):
+    cols = line.rstrip("\r\n").split("\t")
+    if len(cols) < n:
+        raise SystemExit(f"error: {path} line {i} has {len(cols)} TAB-separated columns, expected {n}")
+    return cols
+
+
+def _score(path, text, i):
+    try:
+        return float(text)
+    except ValueError:
+        raise SystemExit(f"error: {path} line {i}: gold score {text!r} is not a number") from None
+
+
+STS_SUBSETS = {  # the subsets SentEval uses for the "all" setting (STS13 SMT is not distributed)
+    "STS12": ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"],
+    "STS13": ["FNWN", "headlines", "OnWN"],
+    "STS14": ["deft-forum", "deft-news", "headlines", "images", "OnWN", "tweet-news"],
+    "STS15": ["answers-forums", "answers-students", "belief", "headlines", "images"],
+    "STS16": ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"],
+}
+
+
+def load_sts(path, fmt):
+    """SentEval formats -> (sentences1, sentences2, gold). fmt: 'stsb' (sts-*.csv: TAB-separated, gold in column 4,
+    sentences in 5 and 6, extra columns ignored), 'sick' (header line, then pair_ID, A, B, relatedness, ...),
+    'sts_year_dir' (STS1x-en-test: STS.input.X.txt 's1<TAB>s2' + STS.gs.X.txt, subsets concatenated = 'all')."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} does not exist; see --stsb-path, --sts-dir, --sick-path in --help")
+    pairs = []  # (sentence 1, sentence 2, gold)
+    if fmt in ("stsb", "sick"):
+        col, skip = (4, 0) if fmt == "stsb" else (3, 1)
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if i <= skip or not line.strip():
+                    continue
+                c = _fields(path, line, i, 7 if fmt == "stsb" else 4)
+                a, b = (c[5], c[6]) if fmt == "stsb" else (c[1], c[2])
+                pairs.append((a, b, _score(path, c[col], i)))
+    else:
+        year = os.path.basename(os.path.normpath(path))[:5].upper()
+        if year not in STS_SUBSETS:
+            raise SystemExit(f"error: {path} is not an STS12-en-test ... STS16-en-test folder")
+        for sub in STS_SUBSETS[year]:
+            inp, gs = (os.path.join(path, f"STS.{k}.{sub}.txt") for k in ("input", "gs"))
+            if not (os.path.exists(inp) and os.path.exists(gs)):
+                raise SystemExit(f"error: {path} lacks STS.input.{sub}.txt or STS.gs.{sub}.txt; use SentEval's "
+                                 "get_transfer_data.bash layout")
+            with open(inp, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            with open(gs, encoding="utf-8") as f:
+                scores = f.read().splitlines()
+            if len(lines) != len(scores):
+                raise SystemExit(f"error: {inp} has {len(lines)} lines but {gs} has {len(scores)}")
+            for i, (line, g) in enumerate(zip(lines, scores), 1):
+                if g.strip():  # SentEval drops pairs without a gold score
+                    c = _fields(inp, line, i, 2)
+                    pairs.append((c[0], c[1], _score(gs, g, i)))
+    if not pairs:
+        raise SystemExit(f"error: {path} holds no scored sentence pairs")
+    s1, s2, gold = map(list, zip(*pairs))
+    return s1, s2, gold
+
+
+def eval_tasks(args):
+    """(dev task for model selection, test tasks) as {name: (s1, s2, gold)}; built-in sets when no path is given."""
+    if args.stsb_path:
+        for split in ("dev", "test"):
+            if not os.path.isfile(os.path.join(args.stsb_path, f"sts-{split}.csv")):
+                raise SystemExit(f"error: --stsb-path {args.stsb_path} has no sts-{split}.csv; pass SentEval's "
+                                 "STSBenchmark folder")
+        dev = {"stsb_dev": load_sts(os.path.join(args.stsb_path, "sts-dev.csv"), "stsb")}
+    else:
+        dev = {"synthetic_dev": synthetic_pairs(SYNTH_DEV, seed=1)}
+    test = {}
+    if args.sts_dir:
+        for year in STS_SUBSETS:
+            test[year.lower()] = load_sts(os.path.join(args.sts_dir, f"{year}-en-test"), "sts_year_dir")
+    if args.stsb_path:
+        test["stsb"] = load_sts(os.path.join(args.stsb_path, "sts-test.csv"), "stsb")
+    if args.sick_path:
+        test["sickr"] = load_sts(args.sick_path, "sick")
+    return dev, test or {"synthetic": synthetic_pairs(SYNTH_TEST, seed=2)}
+
+
 def rank_average(x):
     """Ranks 1..n with ties given the average of the ranks they span."""
     x = np.asarray(x, dtype=np.float64)
@@ -436,9 +486,9 @@ def spearman(x, y):
 
 
 @torch.no_grad()
-def encode(encoder, tokenizer, sentences, device, amp="none", batch_size=128):
-    """[CLS] of the last layer without the MLP (cls_before_pooler, mlp_only_train), dropout off -> (N, d) fp32.
-    Sentences are whitespace-normalised as SentEval's batcher does; sorted by length only for speed."""
+def encode(encoder, tokenizer, sentences, device, batch_size=128):
+    """[CLS] of the last layer without the MLP (cls_before_pooler, mlp_only_train), dropout off -> (N, d).
+    In fp32 without autocast, as the official evaluation (the Trainer evaluates outside its autocast). Sentences are whitespace-normalised as SentEval's batcher does; sorted by length only for speed."""
     was_training = encoder.training
     encoder.eval()
     sentences = [" ".join(s.split()) for s in sentences]
@@ -447,8 +497,7 @@ def encode(encoder, tokenizer, sentences, device, amp="none", batch_size=128):
     for k in range(0, len(order), batch_size):
         idx = order[k:k + batch_size]
         b = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=512, return_tensors="pt")
-        with common.autocast(device, amp):
-            h = encoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+        h = encoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
         out[idx] = h.last_hidden_state[:, 0].float().cpu()
     encoder.train(was_training)
     return out
@@ -464,8 +513,8 @@ def eval_sts(encode_fn, tasks):
     return res
 
 
-def test_metrics(encoder, tokenizer, tasks, device, amp):
-    res = eval_sts(lambda s: encode(encoder, tokenizer, s, device, amp), tasks)
+def test_metrics(encoder, tokenizer, tasks, device):
+    res = eval_sts(functools.partial(encode, encoder, tokenizer, device=device), tasks)
     return {"sts_avg": sum(res.values()) / len(res), **res}
 
 
@@ -474,6 +523,7 @@ def main(argv=None):
     args = get_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rank, world, device = common.setup_distributed()
+    check_args(args, world)
     args.amp = args.amp or common.default_amp(device)
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # a 128-wide model gains little from more threads, and loses much on shared cores
@@ -488,10 +538,13 @@ def main(argv=None):
     common.seed_everything(args.seed)  # identical initialisation on every rank
     encoder, tokenizer = build_encoder(args, sentences)
     encoder.to(device)
-    # Sec. 3.2: EMA copy, dropout off when it encodes the queue; its pooler copy is unused (keys go through the
-    # online MLP, as in the official code)
-    momentum = common.momentum_copy(encoder).eval()
-    queue = EmbeddingQueue(args.queue_size)
+    # Sec. 3.2: the momentum encoder; its pooler is unused (keys go through the online MLP, as the official code).
+    # Official BertForCL/RobertaForCL build it inside the model, and from_pretrained leaves it randomly initialised
+    # (its logs: "newly initialized: ['momentum_model.embeddings...']"): --momentum-init random is that default,
+    # copy is the MoCo-style start that the paper's text suggests.
+    momentum = common.momentum_copy(encoder if args.momentum_init == "copy" else type(encoder)(encoder.config))
+    momentum.to(device)
+    queue = EmbeddingQueue(args.queue_size, device)
     common.seed_everything(args.seed + rank)
 
     ds = SentenceDataset(sentences, tokenizer, args)
@@ -511,33 +564,25 @@ def main(argv=None):
     best = {"metric": -math.inf, "step": 0, "encoder": None}
     epoch, step, metric_init = 0, 0, None
 
-    if os.path.exists(ckpt_path):
-        ck = common.load_checkpoint(ckpt_path, "esimcse")
-        common.load_state(encoder, ck["model"], ckpt_path)
-        common.load_state(momentum, ck["momentum_model"], ckpt_path)
-        queue.load_state_dict(ck["queue"], device)
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+    ck = common.load_checkpoint(ckpt_path, "esimcse", resume=not args.eval_only)  # after the models: RNG
+    if ck is not None:
+        common.restore(ck, ckpt_path, model=encoder, momentum_model=momentum, queue=queue, optimizer=opt,
+                       scaler=scaler)
         epoch, step, best, metric_init = ck["epoch"], ck["step"], ck["best"], ck["metric_init"]
-        common.set_rng_state(ck["rng"][rank])
         common.print0(f"resumed from {ckpt_path} at step {step}")
     elif args.eval_only:
         common.print0(f"no checkpoint in {args.output_dir}: evaluating the untrained model")
     stop = total if args.max_steps is None else min(total, args.max_steps)
     if args.tiny and step == 0 and not args.eval_only:  # the random-initialisation baseline of the same run
-        metric_init = test_metrics(encoder, tokenizer, test_tasks, device, args.amp)["sts_avg"]
+        metric_init = test_metrics(encoder, tokenizer, test_tasks, device)["sts_avg"]
 
     def save():
-        state = {"method": "esimcse", "args": vars(args), "model": encoder.state_dict(),
-                 "momentum_model": momentum.state_dict(), "queue": queue.state_dict(),
-                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                 "best": best, "metric_init": metric_init, "rng": common.gather_objects(common.rng_state())}
-        if common.is_main():
-            common.save_checkpoint(ckpt_path, state)
+        common.save_checkpoint(ckpt_path, "esimcse", step, {
+            "args": vars(args), "model": encoder.state_dict(), "momentum_model": momentum.state_dict(),
+            "queue": queue.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best": best, "metric_init": metric_init}, finite=[encoder])
 
-    model = torch.compile(encoder) if args.compile else encoder
-    model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else model
+    train_model = common.distribute(encoder, device, args.compile)
     common.print0(f"ESimCSE: {args.model}, {len(ds)} sentences, global batch {args.batch_size * world}, "
                   f"{total} steps, queue {args.queue_size}, device {device}, amp {args.amp}")
     bar = tqdm(total=stop, initial=step, disable=not common.is_main() or args.eval_only or step >= stop)
@@ -547,31 +592,19 @@ def main(argv=None):
             queue.reset()  # official: the queue starts empty at each epoch
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
         for ids, mask in loader:
+            # from_pretrained returns eval mode, and evaluation switches to it: dropout is SimCSE's augmentation.
+            # The momentum encoder runs in eval mode (official compute_loss calls model.eval() before it).
+            encoder.train()
+            momentum.eval()
             ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            B, _, L = ids.shape
             for g in opt.param_groups:
                 g["lr"] = lrs[step]
-            common.ema_update_(momentum, encoder, args.momentum)  # Sec. 3.2, before the loss as in the official code
-            with torch.no_grad(), common.autocast(device, args.amp):
-                # keys: momentum [CLS] of the un-repeated view through the online MLP, dropout off
-                keys = encoder.pooler(momentum(input_ids=ids[:, 0], attention_mask=mask[:, 0]).last_hidden_state)
-            with common.autocast(device, args.amp):
-                z = model(input_ids=ids.view(2 * B, L), attention_mask=mask.view(2 * B, L)).pooler_output
-            z = z.view(B, 2, -1)  # (B, 2, d): both views are rows of one batch -> independent dropout masks
-            z2 = common.all_gather_with_grad(z[:, 1])  # (world*B, d) positives and in-batch negatives
-            loss = esimcse_loss(z[:, 0], z2, queue.get(), args.temp, offset=rank * B)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), args.clip_grad)
-            scaler.step(opt)
-            scaler.update()
-            queue.enqueue(common.concat_all_gather(keys))  # after the loss: a batch never meets its own keys
+            loss = train_step(train_model, encoder, momentum, queue, opt, scaler, ids, mask, args, rank, device)
             step += 1
-            seen += B * world
+            seen += args.batch_size * world
             bar.update()
             if step % args.log_every == 0 or step == stop or step % steps_per_epoch == 0:
-                v = (common.all_reduce_sum(loss.detach().float().clone()) / world).item()
+                v = (common.all_reduce_sum(loss.float().clone()) / world).item()
                 if not math.isfinite(v):
                     raise SystemExit(f"error: loss is {v} at step {step}; the last good checkpoint in "
                                      f"{args.output_dir} is untouched; lower --lr or use --amp none")
@@ -580,8 +613,8 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{v:.4f}")
                 common.log_jsonl(args.output_dir, {"step": step, "epoch": epoch, "loss": v, "lr": float(lrs[step - 1]),
                                                    "queue": len(queue), "samples_per_s": rate})
-            if step % args.eval_steps == 0 or step == total:  # model selection on STS-B dev (official)
-                dev = test_metrics(encoder, tokenizer, dev_tasks, device, args.amp)["sts_avg"]
+            if args.eval_steps and (step % args.eval_steps == 0 or step == total):  # STS-B dev selection (official)
+                dev = test_metrics(encoder, tokenizer, dev_tasks, device)["sts_avg"]
                 if dev > best["metric"]:
                     best = {"metric": dev, "step": step,
                             "encoder": {k: t.detach().cpu().clone() for k, t in encoder.state_dict().items()}}
@@ -598,7 +631,7 @@ def main(argv=None):
 
     if best["encoder"] is not None:
         encoder.load_state_dict(best["encoder"])
-    metrics = test_metrics(encoder, tokenizer, test_tasks, device, args.amp)
+    metrics = test_metrics(encoder, tokenizer, test_tasks, device)
     if best["encoder"] is not None:
         metrics.update(best_dev=best["metric"], best_step=best["step"])
     if metric_init is not None:

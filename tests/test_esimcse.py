@@ -4,14 +4,18 @@ import math
 import os
 import random
 import shutil
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import common
 import esimcse as E
-from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run_script, run_torchrun
+from helpers import (DropoutRecorder, assert_tensors_close, load_ckpt, read_log, read_metrics, run_main_inprocess,
+                     run_script, run_torchrun, save_tiny_bert, save_tiny_roberta)
 
 CLS, SEP = 101, 102
 
@@ -88,6 +92,16 @@ def test_esimcse_loss_worked_example():
     assert torch.allclose(sum(halves) / 2, plain)
 
 
+def test_esimcse_loss_is_fp32_inside_autocast():
+    # logits at 1/tau = 20: a bf16 matmul inside autocast would move them by ~0.1; the loss opts out of autocast
+    torch.manual_seed(0)
+    z1, z2, q = (torch.randn(16, 64).bfloat16() for _ in range(3))
+    ref = E.esimcse_loss(z1.float(), z2.float(), q.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = E.esimcse_loss(z1, z2, q)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
 def test_queue_fifo():
     q = E.EmbeddingQueue(3)
     assert len(q) == 0 and q.get() is None
@@ -100,7 +114,7 @@ def test_queue_fifo():
     assert not q.get().requires_grad  # no gradient through the queue
     state = q.state_dict()
     q2 = E.EmbeddingQueue(3)
-    q2.load_state_dict(state, torch.device("cpu"))
+    q2.load_state_dict(state)
     assert torch.equal(q2.get(), q.get())
     q.reset()
     assert len(q) == 0
@@ -257,7 +271,7 @@ def test_bad_input(tmp_path):
     # a checkpoint from another method, of another shape, and a NaN loss leave the checkpoint untouched
     out = f"{d}/run"
     os.makedirs(out)
-    common.save_checkpoint(f"{out}/checkpoint.pt", {"method": "swav"})
+    common.save_checkpoint(f"{out}/checkpoint.pt", "swav", 0, {})
     _fails(["--tiny", "--output-dir", out], "'swav', not 'esimcse'")
     shutil.rmtree(out)
     run_script("esimcse.py", "--tiny", "--max-steps", "2", "--output-dir", out, threads=1)
@@ -269,3 +283,122 @@ def test_bad_input(tmp_path):
     assert p.returncode != 0 and "error: loss is nan" in p.stdout, p.stdout[-2000:]
     with open(f"{out}/checkpoint.pt", "rb") as f:
         assert f.read() == good
+
+
+def test_check_args():
+    ok = E.get_args(["--data", "wiki1m_for_simcse.txt", "--model", "bert-base-uncased", "--batch-size", "8"])
+    E.check_args(ok, 8)  # the README's 8-GPU line: global batch 64, queue 160 = 2.5 x
+    for argv, needle in ((["--queue-size", "-1"], "--queue-size"), (["--eval-steps", "-1"], "--eval-steps"),
+                         (["--dup-type", "word", "--paper-formula"], "--paper-formula"), (["--temp", "0"], "--temp")):
+        with pytest.raises(SystemExit, match=needle):
+            E.check_args(E.get_args(argv), 1)
+
+
+# --- 6. the pretrained path: a save_pretrained folder trains with dropout on; momentum encoder start ---
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_pretrained_path_trains_with_dropout(tmp_path, kind):
+    path = (save_tiny_bert if kind == "bert" else save_tiny_roberta)(str(tmp_path / kind))
+    out = str(tmp_path / "out")
+    init = "random" if kind == "bert" else "copy"
+    with DropoutRecorder() as rec:
+        run_main_inprocess(E, ["--tiny", "--model", path, "--max-steps", "2", "--eval-steps", "1",
+                               "--momentum-init", init, "--output-dir", out])
+    train = rec.training_calls()
+    assert train and all(t for _, t in train), "a dropout module ran in eval mode during the training forward"
+    # embedding dropout + attention-output and FFN-output dropout of each of the 2 layers
+    assert len({id(m) for m, _ in train}) >= 5
+    assert all(not t for _, t, g in rec.calls if not g)  # momentum encoder and evaluation: dropout off (official)
+    assert read_metrics(out)["best_step"] in (1, 2)
+    ck = load_ckpt(out)
+    from transformers import AutoModel
+    pre = AutoModel.from_pretrained(path).state_dict()
+    key = "embeddings.word_embeddings.weight"
+    # after 2 EMA steps at 0.995 the momentum encoder is 99% its start: a random draw, or the pretrained weights
+    close = torch.allclose(ck["momentum_model"][key], pre[key], atol=1e-3 * pre[key].abs().max().item())
+    assert close == (init == "copy")
+
+
+# --- 7. bf16 and compile on CPU; evaluation in fp32; --eval-steps 0 ---
+def test_bf16_training_and_fp32_evaluation(tmp_path):
+    calls = []  # (online encoder?, training, autocast on) for every encoder forward
+
+    def hook(module, inputs):
+        if type(module).__name__ == "BertModel":
+            calls.append((next(module.parameters()).requires_grad, module.training, torch.is_autocast_enabled("cpu")))
+    h = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        run_main_inprocess(E, ["--tiny", "--amp", "bf16", "--max-steps", "3", "--eval-steps", "2",
+                               "--log-every", "1", "--output-dir", str(tmp_path)])
+    finally:
+        h.remove()
+    online_train = [a for o, t, a in calls if o and t]
+    evaluation = [a for o, t, a in calls if o and not t]
+    momentum = [a for o, t, a in calls if not o]
+    assert len(online_train) == len(momentum) == 3 and all(online_train) and all(momentum)  # bf16 in training
+    assert evaluation and not any(evaluation)  # evaluation without autocast (official: fp32)
+    assert all(math.isfinite(r["loss"]) for r in read_log(str(tmp_path)) if "loss" in r)
+
+
+def test_compile_aot_eager_without_graph_breaks_or_recompiles(tmp_path):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    steps = 4  # batches of different lengths
+    run_main_inprocess(E, ["--tiny", "--compile", "aot_eager", "--max-steps", steps, "--eval-steps", "0",
+                           "--log-every", "1", "--output-dir", str(tmp_path)])
+    breaks = sum(counters["graph_break"].values())
+    frames = counters["stats"]["unique_graphs"]
+    print(f"graph breaks {breaks}, unique graphs {frames}, stats {dict(counters['stats'])}")
+    assert breaks == 0, dict(counters["graph_break"])
+    assert frames <= 1, dict(counters["stats"])  # one graph for every length: no recompilation per batch
+    m = read_metrics(str(tmp_path))
+    assert "best_dev" not in m and math.isfinite(m["sts_avg"])  # --eval-steps 0: no selection, the last model
+
+
+# --- 3b. gradients of two processes == one process with the same global batch ---
+GLOBAL_B = 16
+
+
+def _grad_step(rank, world, B):
+    """One real train_step on rows [rank*B, (rank+1)*B) of a fixed global batch; returns grads, loss, queue."""
+    torch.set_num_threads(1)
+    args = E.get_args(["--tiny", "--dropout", "0", "--clip-grad", "1e9", "--batch-size", str(B)])
+    sentences = E.synthetic_sentences(256, seed=0)
+    common.seed_everything(0)
+    encoder, tok = E.build_encoder(args, sentences)
+    momentum = common.momentum_copy(type(encoder)(encoder.config)).eval()
+    encoder.train()
+    queue = E.EmbeddingQueue(args.queue_size)
+    queue.enqueue(torch.randn(20, encoder.config.hidden_size, generator=torch.Generator().manual_seed(1)))
+    ds = E.SentenceDataset(sentences, tok, args)
+    ids, mask = E.collate([ds[(i, 1000 + i)] for i in range(rank * B, (rank + 1) * B)], tok.pad_token_id)
+    L = max(len(v) for i in range(GLOBAL_B) for v in ds[(i, 1000 + i)])
+    ids = F.pad(ids, (0, L - ids.shape[-1]), value=tok.pad_token_id)  # the common padded length of the global batch
+    mask = F.pad(mask, (0, L - mask.shape[-1]))
+    opt = torch.optim.SGD(encoder.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model = common.distribute(encoder, torch.device("cpu"))
+    loss = E.train_step(model, encoder, momentum, queue, opt, scaler, ids, mask, args, rank, torch.device("cpu"))
+    return {"grads": {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None},
+            "loss": loss, "queue": queue.get().clone()}
+
+
+def _grad_worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_grad_step(rank, world, GLOBAL_B // world), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gradients_match_one_process():
+    one = _grad_step(0, 1, GLOBAL_B)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_grad_worker, args=(2, f"{d}/init", d), nprocs=2, join=True)
+        two = [torch.load(f"{d}/{r}.pt") for r in range(2)]
+    assert len(one["grads"]) > 10
+    for r in range(2):  # DDP all-reduces: every rank holds the gradient of the global-batch loss
+        g1 = torch.cat([g.flatten() for g in one["grads"].values()])
+        g2 = torch.cat([two[r]["grads"][n].flatten() for n in one["grads"]])
+        err = ((g2 - g1).norm() / g1.norm()).item()
+        assert err < 1e-4, f"rank {r}: relative gradient error {err:.3g}, scale {(g2 @ g1 / (g1 @ g1)).item():.4f}"
+        assert torch.allclose(two[r]["queue"], one["queue"], atol=1e-5)  # gathered keys in rank order
+    assert abs((two[0]["loss"] + two[1]["loss"]) / 2 - one["loss"]) < 1e-4  # mean of per-rank losses
