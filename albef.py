@@ -67,7 +67,8 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--tiny", action="store_true")
@@ -108,6 +109,17 @@ def get_args(argv=None):
         for k, v in TINY.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
+    return args
+
+
+def check_args(args, world):
+    """Every check that depends on the flags and the number of processes alone (no files)."""
+    global_batch = args.batch_size * world
+    if args.batch_size < 2:  # ITM samples its negatives inside the batch
+        raise SystemExit("error: --batch-size must be at least 2 (ITM needs in-batch negatives)")
+    if args.queue_size % global_batch:  # official: the queue takes whole global batches (an assert, no trim)
+        raise SystemExit(f"error: --queue-size {args.queue_size} is not a multiple of the global batch {global_batch} "
+                         f"({args.batch_size} x {world} processes); change --batch-size or --queue-size")
     return args
 
 
@@ -618,7 +630,7 @@ def evaluate(model, test, tok, args, device, amp):
 # --- Train ---
 def load_init(path, model, model_m, queue, n_patches):
     """Start fine-tuning from a pretraining checkpoint: both models and the feature queues (official Retrieval.py)."""
-    state = common.load_checkpoint(path, "albef")
+    state = common.read_checkpoint(path, "albef")
     for module, sd, key in ((model, state["model"], "enc.visual_encoder.embeddings.position_embeddings"),
                             (model_m, state["momentum_model"], "visual_encoder.embeddings.position_embeddings")):
         sd[key] = resize_pos_embed(sd[key], n_patches)
@@ -634,13 +646,9 @@ def main(argv=None):
     amp = args.amp or common.default_amp(device)
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # tiny tensors: OpenMP threads only add overhead (and stall on busy machines)
+    check_args(args, world)
     os.makedirs(args.output_dir, exist_ok=True)
     global_batch = args.batch_size * world
-    if args.batch_size < 2:  # ITM samples its negatives inside the batch
-        raise SystemExit("error: --batch-size must be at least 2 (ITM needs in-batch negatives)")
-    if args.queue_size % global_batch:
-        raise SystemExit(f"error: --queue-size {args.queue_size} is not a multiple of the global batch {global_batch} "
-                         f"({args.batch_size} x {world} processes); change --batch-size or --queue-size")
     train, test = load_data(args)
     tok = make_tokenizer(args, [c for _, caps, _ in train for c in caps])
     common.seed_everything(args.seed)  # identical initialisation on every rank
@@ -660,16 +668,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     common.seed_everything(args.seed + rank)
-    if os.path.exists(path):
-        state = common.load_checkpoint(path, "albef")
-        common.load_state(model, state["model"], path)
-        common.load_state(model_m, state["momentum_model"], path)
-        common.load_state(queue, state["queue"], path)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+    state = common.load_checkpoint(path, "albef", resume=not args.eval_only)  # after the models: restores the RNG
+    if state is not None:
+        common.restore(state, path, model=model, momentum_model=model_m, queue=queue,
+                       **({} if args.eval_only else {"optimizer": optimizer, "scaler": scaler}))
         step, metrics_init = state["step"], state.get("metrics_init")
-        if len(state["rng"]) == world:
-            common.set_rng_state(state["rng"][rank])
         common.print0(f"resumed from {path} at step {step}")
     ds = PairSet(train, tok, args)
     sampler = common.ResumableSampler(len(ds), args.batch_size, seed=args.seed)
@@ -684,19 +687,17 @@ def main(argv=None):
                   f"({args.batch_size} x {world}); {spe} steps/epoch, {total} steps; amp {amp}")
     if args.tiny and step == 0 and metrics_init is None and total > 0:
         metrics_init = evaluate(model, test, tok, args, device, amp)  # the random-init baseline
-    net = torch.compile(model) if args.compile else model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    model_m.train()  # as official: the momentum model runs in train mode (its dropout is on)
+    net = common.distribute(model, device, args.compile)  # DDP, then compile
+    # from_pretrained returns modules in eval mode: the official code trains with dropout on, in the online
+    # model and in the momentum model alike (evaluate() puts back the mode it found).
+    model.train()
+    model_m.train()
 
-    def save():
-        rng = common.gather_objects(common.rng_state())  # a collective: every rank calls it
-        if common.is_main():
-            common.save_checkpoint(path, {
-                "method": "albef", "args": vars(args), "model": model.state_dict(), "momentum_model":
-                model_m.state_dict(), "queue": queue.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": step // spe, "step": step, "rng": rng,
-                "metrics_init": metrics_init})
+    def save():  # a collective: every rank calls it
+        common.save_checkpoint(path, "albef", step, {
+            "args": vars(args), "model": model.state_dict(), "momentum_model": model_m.state_dict(),
+            "queue": queue.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": step // spe, "metrics_init": metrics_init}, finite=[model])
 
     t0, seen = time.time(), 0
     while step < total:
