@@ -27,6 +27,7 @@ import argparse
 import collections
 import contextlib
 import csv
+import functools
 import itertools
 import json
 import math
@@ -41,7 +42,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import transformers
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -65,10 +65,12 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the online model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
     p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --output-dir (or init)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps; 0 = init")
-    p.add_argument("--tiny", action="store_true", help="small model+data, short run; 1 thread unless OMP_NUM_THREADS")
+    p.add_argument("--tiny", action="store_true", help="small model+data, short run; 1 thread unless OMP_NUM_THREADS; "
+                   "a scratch BERT unless --text-model is given")
     p.add_argument("--log-every", type=int, default=50)
     g = p.add_argument_group("method")
     g.add_argument("--accum-mode", choices=["window", "naive"], default="window", help="window: one teacher key set, "
@@ -94,17 +96,36 @@ def get_args(argv=None):
     g.add_argument("--text-layers", type=int, default=12, help="BERT depth with --no-pretrained (base: 12)")
     g.add_argument("--text-pool", choices=["cls", "mean"], default="cls", help="report embedding: [CLS] (ALBEF) or "
                    "token mean (--tiny: a scratch BERT's [CLS] barely depends on the text at init) [inferred]")
-    g.add_argument("--dropout", type=float, default=0.1, help="BERT hidden/attention dropout (BERT default)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="BERT hidden/attention dropout; default: the pretrained config's, 0.1 from scratch")
     g.add_argument("--max-len", type=int, default=128, help="report tokens [inferred]")
     g.add_argument("--zero-shot-score", choices=["centered", "cosine"], default="centered",
                    help="cosine to the class prompts minus its mean over classes, or raw [inferred]")
     g.add_argument("--probe-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                    help="fractions of the labelled training rows given to the linear probe [inferred]")
     args = p.parse_args(argv)
-    if args.tiny:
+    if args.tiny:  # a --text-model given with --tiny (a local folder) is loaded, with its own dropout
+        given = {"no_pretrained", "dropout"} if args.text_model != p.get_default("text_model") else set()
         for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k):
+            if getattr(args, k) == p.get_default(k) and k not in given:
                 setattr(args, k, v)
+    return args
+
+
+def check_args(args, world):
+    """Every check that depends on the flags and the world size alone; touches no file."""
+    if args.accum_steps < 1 or args.batch_size < 1:
+        raise SystemExit("error: --accum-steps and --batch-size must be at least 1")
+    window = args.accum_steps * args.batch_size * world  # pairs per optimizer step, enqueued at once
+    if args.queue_size % window:
+        raise SystemExit(f"error: --queue-size {args.queue_size} is not a multiple of the window of {window} pairs "
+                         f"(--accum-steps {args.accum_steps} x --batch-size {args.batch_size} x {world} processes); "
+                         "change one")
+    lo, hi = args.temp_range
+    if not 0 < lo <= args.temp <= hi:
+        raise SystemExit(f"error: --temp {args.temp} must lie in --temp-range {lo} {hi} (0 < MIN <= MAX)")
+    if not all(0 < f <= 1 for f in args.probe_fractions):
+        raise SystemExit("error: --probe-fractions must lie in (0, 1]")
     return args
 
 
@@ -143,30 +164,43 @@ def synthetic_prompts():
     return {c: sorted({REPORT[c].rstrip(".").format(size=s, side=d, zone=z) for s, d, z in combos}) for c in CLASSES}
 
 
+def ellipse(xx, yy, cx, cy, rx, ry):
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+
+
+def blob(xx, yy, cx, cy, s):
+    return torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
+
+
 def draw_case(findings, i, size):
-    """A grey 'chest x-ray' (1, S, S) in [0, 1]: body, dark lungs, heart, then the findings at their places."""
+    """A grey 'chest x-ray' (1, S, S) in [0, 1]: body, dark lungs, heart, then the findings at their places.
+    Findings are small local patterns, while exposure, patient position, heart size and background texture vary
+    from image to image, so that a random network's features separate them poorly (the probe measures what
+    pre-training learnt: probe AUC 0.72 at init, 0.91 after --tiny)."""
     g = torch.Generator().manual_seed(i)
+    r = torch.rand(5, generator=g).tolist()
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    smooth = F.interpolate(torch.rand(1, 1, 6, 6, generator=g), size=(size, size), mode="bilinear")[0, 0]
-    ellipse = lambda cx, cy, rx, ry: ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1  # noqa: E731
-    blob = lambda cx, cy, s: torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))  # noqa: E731
-    img = 0.55 + 0.15 * smooth
-    lungs = {side: ellipse(x, 0.48, 0.16, 0.3) for side, x in LUNG_X.items()}
+    xx, yy = xx - 0.08 * (r[0] - 0.5), yy - 0.08 * (r[1] - 0.5)  # patient position
+    smooth = F.interpolate(torch.rand(2, 1, 5, 5, generator=g), size=(size, size), mode="bilinear")[:, 0]
+    img = 0.5 + 0.15 * smooth[0]
+    lungs = {side: ellipse(xx, yy, x, 0.48, 0.16, 0.3) for side, x in LUNG_X.items()}
     for lung in lungs.values():
-        img = torch.where(lung, 0.3 + 0.1 * smooth, img)
+        img = torch.where(lung, 0.2 + 0.15 * smooth[1], img)
     big = any(f["cls"] == "cardiomegaly" for f in findings)
-    img = torch.where(ellipse(0.56, 0.68, 0.2 if big else 0.12, 0.15 if big else 0.1), 0.75, img)
+    heart = (0.15 if big else 0.11) + 0.03 * r[2]  # normal hearts vary; enlarged ones are larger than all of them
+    img = torch.where(ellipse(xx, yy, 0.56, 0.68, heart, 0.7 * heart), 0.6 + 0.2 * smooth[0], img)
     for f in findings:
         x, y, lung = LUNG_X[f["side"]] + f["dx"], ZONE_Y[f["zone"]] + f["dy"], lungs[f["side"]]
         if f["cls"] == "opacity":
-            img = img + 0.4 * blob(x, y, 0.1 if f["size"] == "large" else 0.06)
+            img = img + 0.4 * blob(xx, yy, x, y, 0.07 if f["size"] == "large" else 0.045)
         elif f["cls"] == "nodule":
-            img = img + 0.6 * blob(x, y, 0.04)
+            img = img + 0.6 * blob(xx, yy, x, y, 0.03)
         elif f["cls"] == "effusion":
-            img = torch.where(lung & (yy > (0.6 if f["size"] == "large" else 0.7)), 0.7, img)
+            img = torch.where(lung & (yy > (0.62 if f["size"] == "large" else 0.7)), img + 0.4, img)
         elif f["cls"] == "pneumothorax":
-            img = torch.where(lung & (yy < 0.38), 0.02, img)
-    return (img + 0.03 * torch.randn(size, size, generator=g)).clamp(0, 1)[None]
+            img = torch.where(lung & (yy < 0.36), 0.6 * img, img)
+    img = (0.9 + 0.2 * r[3]) * img + 0.08 * (r[4] - 0.5)  # exposure: gain and offset
+    return (img + 0.04 * torch.randn(size, size, generator=g)).clamp(0, 1)[None]
 
 
 def augment(img, seed):
@@ -253,8 +287,9 @@ def build_data(args):
     """(train, train without augmentation, test, {class: prompts}) for 'synthetic' or a data folder."""
     if args.data == "synthetic":
         n_train, n_test = (512, 256) if args.tiny else (20000, 2000)
-        make = lambda n, offset, aug: SyntheticXray(n, offset, args.image_size, aug)  # noqa: E731
-        return make(n_train, 0, True), make(n_train, 0, False), make(n_test, 10 ** 6, False), synthetic_prompts()
+        size = args.image_size
+        return (SyntheticXray(n_train, 0, size, True), SyntheticXray(n_train, 0, size, False),
+                SyntheticXray(n_test, 10 ** 6, size, False), synthetic_prompts())
     if not os.path.isdir(args.data):
         raise SystemExit(f"error: --data {args.data} is not a folder; pass 'synthetic' or a folder with "
                          "train.jsonl|csv and test.jsonl|csv")
@@ -343,7 +378,7 @@ class MSDModel(nn.Module):
     def image_features(self, x):
         """(B, 1, S, S) grey in [0, 1] -> backbone features (B, F) and embeddings (B, D)."""
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # a grey x-ray into an ImageNet-style backbone
-        h = self.visual(x.contiguous(memory_format=torch.channels_last))
+        h = self.visual(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
         return h, F.normalize(self.vision_proj(h), dim=-1)
 
     def encode_text(self, ids, mask):
@@ -383,16 +418,34 @@ def build_model(args, vocab_size):
         else:  # ViT: the [CLS] token after the final LayerNorm
             dim, visual.heads = visual.hidden_dim, nn.Identity()
     if pretrained:
-        text = from_hub(transformers.AutoModel, args, add_pooling_layer=False, hidden_dropout_prob=args.dropout,
-                        attention_probs_dropout_prob=args.dropout)
+        kw = {} if args.dropout is None else dict(hidden_dropout_prob=args.dropout,
+                                                   attention_probs_dropout_prob=args.dropout)
+        text = from_hub(transformers.AutoModel, args, add_pooling_layer=False, **kw)
     else:
         w = args.text_width
         cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=w, num_hidden_layers=args.text_layers,
                                       num_attention_heads=max(2, w // 64), intermediate_size=4 * w,
-                                      max_position_embeddings=max(512, args.max_len), hidden_dropout_prob=args.dropout,
-                                      attention_probs_dropout_prob=args.dropout)
+                                      max_position_embeddings=max(512, args.max_len),
+                                      hidden_dropout_prob=0.1 if args.dropout is None else args.dropout,
+                                      attention_probs_dropout_prob=0.1 if args.dropout is None else args.dropout)
         text = transformers.BertModel(cfg, add_pooling_layer=False)
     return MSDModel(visual, dim, text, args.embed_dim, args.temp, tuple(args.temp_range), args.text_pool)
+
+
+# --- Method ---
+def momentum_update(teacher, student, m):
+    """theta_m <- m theta_m + (1 - m) theta: the self-distillation teacher is the student's EMA."""
+    common.ema_update_(teacher, common.unwrap(student), m)
+
+
+@torch.no_grad()
+def dequeue_and_enqueue(queue, ptr, keys):
+    """Overwrite the oldest B columns of queue (D, Q) with keys (B, D) from column ptr on; returns (ptr + B) % Q."""
+    size = queue.shape[1]
+    if size == 0:
+        return ptr
+    queue[:, (ptr + torch.arange(keys.shape[0], device=queue.device)) % size] = keys.t().to(queue.dtype)
+    return (ptr + keys.shape[0]) % size
 
 
 class FeatureQueue(nn.Module):
@@ -422,22 +475,6 @@ class FeatureQueue(nn.Module):
 
     def set_extra_state(self, state):
         self.ptr, self.filled = state["ptr"], state["filled"]
-
-
-# --- Method ---
-def momentum_update(teacher, student, m):
-    """theta_m <- m theta_m + (1 - m) theta: the self-distillation teacher is the student's EMA."""
-    common.ema_update_(teacher, common.unwrap(student), m)
-
-
-@torch.no_grad()
-def dequeue_and_enqueue(queue, ptr, keys):
-    """Overwrite the oldest B columns of queue (D, Q) with keys (B, D) from column ptr on; returns (ptr + B) % Q."""
-    size = queue.shape[1]
-    if size == 0:
-        return ptr
-    queue[:, (ptr + torch.arange(keys.shape[0], device=queue.device)) % size] = keys.t().to(queue.dtype)
-    return (ptr + keys.shape[0]) % size
 
 
 def diag_targets(b, n_cols, offset=0, device=None):
@@ -629,7 +666,6 @@ def evaluate(model, train_eval, test, prompts, collate, device, amp, fractions, 
             metrics[f"probe_auc_{100 * f:g}pct"] = linear_probe_auc(tr["h"][:k], tr["labels"][:k], te["h"],
                                                                     te["labels"])
         metrics.update(aucs)
-    model.train()
     return metrics or ret
 
 
@@ -637,22 +673,18 @@ def evaluate(model, train_eval, test, prompts, collate, device, amp, fractions, 
 def main(argv=None):
     args = get_args(argv)
     rank, world, device = common.setup_distributed()
+    check_args(args, world)
     if args.tiny and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # tiny tensors: extra intra-op threads mostly spin, badly so on a shared machine
     args.amp = args.amp or common.default_amp(device)
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "checkpoint.pt")
-    state = common.load_checkpoint(path, "msd") if os.path.exists(path) else None
-    A, window = args.accum_steps, args.accum_steps * args.batch_size * world
-    if args.queue_size % window:
-        raise SystemExit(f"error: --queue-size {args.queue_size} is not a multiple of the window of {window} pairs "
-                         f"(--accum-steps {A} x --batch-size {args.batch_size} x {world} processes); change one")
     train_ds, train_eval, test_ds, prompts = build_data(args)
-    if not args.no_pretrained:
+    if args.no_pretrained:  # a word vocabulary from the training reports and prompts
+        tokenizer = WordTokenizer.build(train_ds.texts + sum(prompts.values(), []))
+    else:
         tokenizer = from_hub(transformers.AutoTokenizer, args)
-    else:  # the checkpoint's vocabulary when resuming, else one built from the training reports and prompts
-        vocab = state and state.get("vocab")
-        tokenizer = WordTokenizer(vocab) if vocab else WordTokenizer.build(train_ds.texts + sum(prompts.values(), []))
+    vocab = tokenizer.vocab if isinstance(tokenizer, WordTokenizer) else None
     collate = Collate(tokenizer, args.max_len)
 
     common.seed_everything(args.seed)  # identical weights and queue on every rank
@@ -660,26 +692,27 @@ def main(argv=None):
     if device.type == "cuda" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     teacher = common.momentum_copy(model)
-    queue = FeatureQueue(args.embed_dim, args.queue_size).to(device)
+    queue = FeatureQueue(args.embed_dim, args.queue_size).to(device)  # the same on every rank: keys are gathered
     common.seed_everything(args.seed + rank)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2]},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
-    step, metrics_init = 0, None
+    state, step, metrics_init = common.load_checkpoint(path, "msd", resume=not args.eval_only), 0, None
     if state is not None:
-        common.load_state(model, state["model"], path)
-        common.load_state(teacher, state["momentum_model"], path)
-        common.load_state(queue, state["queue"], path)
-        opt.load_state_dict(state["optimizer"])
-        if scaler and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        if state.get("vocab") != vocab:
+            raise SystemExit(f"error: {path} was trained with another word vocabulary (other reports or "
+                             "--text-model); use the same --data and flags or another --output-dir")
+        common.restore(state, path, model=model, momentum_model=teacher, queue=queue, optimizer=opt,
+                       **({"scaler": scaler} if scaler else {}))
         step, metrics_init = state["step"], state.get("metrics_init")
-        common.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
         common.print0(f"resumed from {path} at step {step}")
 
-    run_eval = lambda: evaluate(model, train_eval, test_ds, prompts, collate, device, args.amp,  # noqa: E731
-                                args.probe_fractions, args.zero_shot_score == "centered", args.seed)
+    def run_eval():
+        return evaluate(model, train_eval, test_ds, prompts, collate, device, args.amp, args.probe_fractions,
+                        args.zero_shot_score == "centered", args.seed)
+
+    A, window = args.accum_steps, args.accum_steps * args.batch_size * world
     sampler = common.ResumableSampler(len(train_ds), A * args.batch_size, seed=args.seed)
     spe, total = sampler.steps_per_epoch, args.epochs * sampler.steps_per_epoch
     last = total if args.max_steps is None else min(total, args.max_steps)
@@ -687,18 +720,20 @@ def main(argv=None):
     if args.tiny and state is None and train:
         metrics_init = run_eval()
     if train:
-        student = torch.compile(model) if args.compile else model
-        if world > 1:
-            student = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        student = common.distribute(model, device, args.compile)
         # The loader yields whole windows (A*b rows per process); msd_accum_step splits them into micro-batches.
         loader = DataLoader(train_ds, batch_size=A * args.batch_size, sampler=sampler,
                             num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
                             persistent_workers=args.workers > 0, collate_fn=collate, generator=torch.Generator())
         lrs = common.cosine_schedule(args.lr, args.min_lr, total, int(args.warmup_epochs * spe), args.min_lr)
-        amp = lambda: common.autocast(device, args.amp)  # noqa: E731
+        amp = functools.partial(common.autocast, device, args.amp)
         common.print0(f"micro-batch {args.batch_size} x {world} processes = global batch {args.batch_size * world}; "
                       f"x {A} accumulated = {window} pairs per step ({args.accum_mode} mode); queue "
                       f"{args.queue_size}; {spe} steps/epoch, {last} steps")
+        # from_pretrained returns eval mode: train with dropout on, the teacher too (ALBEF's momentum encoders
+        # are submodules of its model and run in train mode) [inferred]
+        model.train()
+        teacher.train()
         bar = tqdm(total=last, initial=step, disable=rank != 0)
         t0, s0 = time.time(), step
         while step < last:
@@ -724,14 +759,11 @@ def main(argv=None):
                         float(lrs[step - 1]), "samples_per_s": (step - s0) * window / max(time.time() - t0, 1e-9)})
                     bar.set_postfix(loss=f"{vals['loss']:.4f}")
                 if epoch_end or step == last:
-                    ckpt = {"method": "msd", "args": vars(args), "model": model.state_dict(),
-                            "momentum_model": teacher.state_dict(), "queue": queue.state_dict(),
-                            "optimizer": opt.state_dict(), "epoch": step // spe, "step": step,
-                            "rng": common.gather_objects(common.rng_state()), "metrics_init": metrics_init,
-                            "vocab": tokenizer.vocab if isinstance(tokenizer, WordTokenizer) else None,
-                            "scaler": scaler.state_dict() if scaler else None}
-                    if rank == 0:
-                        common.save_checkpoint(path, ckpt)
+                    common.save_checkpoint(path, "msd", step, {
+                        "args": vars(args), "model": model.state_dict(), "momentum_model": teacher.state_dict(),
+                        "queue": queue.state_dict(), "optimizer": opt.state_dict(), "epoch": step // spe,
+                        "scaler": scaler.state_dict() if scaler else None, "metrics_init": metrics_init,
+                        "vocab": vocab}, finite=[model])
                 if step == last:
                     break
         bar.close()

@@ -1,17 +1,25 @@
 """Tests for msd.py: hand-computed worked examples, the accumulation window (A micro-batches = one batch of A*b), a --tiny
-run that learns, two processes = one process on the same global batch, exact resume, real-format data, bad input."""
+run that learns, two processes = one process on the same global batch (gradients, and the main path), exact resume,
+the pretrained path with dropout, bf16 and compile, real-format data, bad input."""
+import contextlib
+import functools
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
+from torch._dynamo.utils import counters
 
 import common
 import msd
-from helpers import assert_tensors_close, load_ckpt, read_log, read_metrics, run_script, run_torchrun
+from helpers import (DropoutRecorder, assert_tensors_close, load_ckpt, read_log, read_metrics, run_main_inprocess,
+                     run_script, run_torchrun, save_tiny_bert)
 
 SHORT = ("--tiny", "--max-steps", "2", "--log-every", "1", "--probe-fractions", "1.0")
 
@@ -112,7 +120,7 @@ def test_paper_size_model_builds_offline():
 
 
 # The core claim: in window mode A micro-batches of b give the gradient of one batch of A*b
-def tiny_parts():
+def tiny_parts(n=4):
     torch.manual_seed(0)
     args = msd.get_args(["--tiny"])
     model = msd.build_model(args, vocab_size=30)  # GroupNorm CNN + BERT without dropout: no BN, no dropout
@@ -120,7 +128,7 @@ def tiny_parts():
     for buf in (queue.image, queue.text):  # half full, so the queue takes part in the loss
         buf[:, :4] = F.normalize(torch.randn(args.embed_dim, 4), dim=0)
     queue.ptr = queue.filled = 4
-    images, ids = torch.rand(4, 1, 32, 32), torch.randint(4, 30, (4, 10))
+    images, ids = torch.rand(n, 1, 32, 32), torch.randint(4, 30, (n, 10))
     ids[:, 0] = 2
     return model, teacher, queue, (images, ids, torch.ones_like(ids))
 
@@ -131,11 +139,17 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def accumulate(mode, chunks, alpha, intra=False):
-    model, teacher, queue, batch = tiny_parts()
+def accumulate(mode, chunks, alpha, intra=False, n=4, compile=None, amp=None, steps=1):
+    """One window (or `steps`) of msd_accum_step on this process's contiguous slice of a global batch of n pairs, the
+    model wrapped as main wraps it (DDP when world > 1); plain SGD records the gradient that it applies."""
+    model, teacher, queue, batch = tiny_parts(n)
+    student = common.distribute(model, torch.device("cpu"), compile)
     opt = RecordingSGD(model.parameters(), lr=0.1)
-    micro = list(zip(*(x.chunk(chunks) for x in batch)))
-    stats = msd.msd_accum_step(model, teacher, micro, opt, queue, alpha, 0.995, mode, intra)
+    local = [x.chunk(common.get_world_size())[common.get_rank()] for x in batch]
+    micro = list(zip(*(x.chunk(chunks) for x in local)))
+    amp = functools.partial(common.autocast, torch.device("cpu"), amp) if amp else contextlib.nullcontext
+    for _ in range(steps):
+        stats = msd.msd_accum_step(student, teacher, micro, opt, queue, alpha, 0.995, mode, intra, amp=amp)
     return opt.grads, teacher, queue, stats
 
 
@@ -170,6 +184,45 @@ def test_ema_and_enqueue_once_per_window(monkeypatch):
         assert calls == {"ema": expected, "enqueue": expected} and queue.ptr == 0  # (4 + 4) % 8
 
 
+def _grad_worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    grads, teacher, queue, stats = accumulate("window", 2, 0.4, intra=True, n=8)  # A = 2 micro-batches of b = 2
+    torch.save({"grads": grads, "teacher": teacher.state_dict(), "queue": queue.state_dict(), "loss": stats["loss"]},
+               f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gradients_match_one():
+    """After a full window of A micro-batches (no_sync for the first A - 1), the gradient that the optimizer applies
+    on each of 2 processes equals the one-process gradient of the same global window of 8 pairs: a loss or gradient
+    scale off by any constant factor (1/world, 2) fails at this tolerance."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_grad_worker, args=(2, f"{d}/init", d), nprocs=2, join=True)
+        res = [torch.load(f"{d}/{r}.pt") for r in range(2)]
+    grads, teacher, queue, stats = accumulate("window", 2, 0.4, intra=True, n=8)  # 2 micro-batches of 4
+    for r in res:
+        for i, (a, b) in enumerate(zip(r["grads"], grads)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=f"gradient {i}")
+        assert_tensors_close(r["teacher"], teacher.state_dict(), atol=1e-6, path="teacher")
+        assert_tensors_close(r["queue"], queue.state_dict(), atol=1e-6, path="queue")
+    assert (res[0]["loss"] + res[1]["loss"]) / 2 == pytest.approx(stats["loss"].item(), rel=1e-5)
+
+
+def test_compile_and_bf16_steps():
+    """--compile aot_eager with --amp bf16 on msd_accum_step: one graph, no graph break, no recompilation after the
+    first step; the loss (logits and KL outside autocast) is fp32."""
+    torch._dynamo.reset()
+    counters.clear()
+    _, _, _, stats = accumulate("window", 2, 0.4, intra=True, compile="aot_eager", amp="bf16")
+    first = dict(counters["stats"])
+    _, _, _, stats = accumulate("window", 2, 0.4, intra=True, compile="aot_eager", amp="bf16", steps=3)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert dict(counters["stats"]) == first and first["unique_graphs"] == 1, (first, dict(counters["stats"]))
+    assert stats["loss"].dtype == torch.float32 and torch.isfinite(stats["loss"])
+    torch._dynamo.reset()
+
+
 # 2. --tiny learns
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
@@ -182,7 +235,8 @@ def test_tiny_learns(tiny_run):
     m = read_metrics(out)
     assert list(m)[0] == "zs_auc"
     assert m["zs_auc"] > m["zs_auc_init"] + 0.15, m
-    assert m["r_mean"] > m["r_mean_init"] + 20, m
+    assert m["r_mean"] > m["r_mean_init"] + 12, m
+    assert m["probe_auc_100pct"] > m["probe_auc_100pct_init"] + 0.1, m
     assert "zs_auc" in proc.stdout and "r_mean" in proc.stdout and "init" in proc.stdout
     assert read_log(out)[-1]["eval"]["zs_auc"] == m["zs_auc"]
 
@@ -204,7 +258,7 @@ def test_two_processes_match_one(one_proc, tmp_path):
     for k in ("queue", "model", "momentum_model"):
         assert_tensors_close(c1[k], c2[k], atol=1e-5, path=k)
     assert c1["queue"]["_extra_state"] == c2["queue"]["_extra_state"] == {"ptr": 0, "filled": 64}
-    assert len(c2["rng"]) == 2
+    assert len(c2["ranks"]) == 2 and c2["world_size"] == 2
 
 
 # 4. resume: 20 steps in one go = 10 steps, stop, resume to 20 (mid-epoch resume, then across an epoch end)
@@ -285,7 +339,7 @@ def test_bad_input(one_proc, tmp_path):
         (d / "train.jsonl").write_text("\n".join([lines[0], bad] + lines[2:]) + "\n")
         fails(match, "--data", str(d))
     fails("--queue-size 48 is not a multiple of the window of 32", "--queue-size", "48")
-    fails("does not fit this model", "--embed-dim", "16", out=ckpt_dir)
+    fails("does not fit this MSDModel", "--embed-dim", "16", out=ckpt_dir)
     fails("loss is (nan|inf)", "--lr", "1e30", "--max-steps", "6", "--log-every", "1", out=ckpt_dir)
     assert ckpt.read_bytes() == before
     other = tmp_path / "other"
@@ -293,3 +347,16 @@ def test_bad_input(one_proc, tmp_path):
     torch.save({"method": "swav"}, other / "checkpoint.pt")
     proc = run_script("msd.py", "--tiny", "--output-dir", other, check=False, threads=1)
     assert proc.returncode != 0 and "checkpoint of 'swav', not 'msd'" in proc.stdout
+
+
+def test_pretrained_path_trains_with_dropout(tmp_path):
+    """A text model from a local save_pretrained folder, as a lab passes it: from_pretrained returns eval mode,
+    and every dropout of the online model must be in training mode in the training step."""
+    bert = save_tiny_bert(tmp_path / "bert")
+    with DropoutRecorder() as rec:
+        run_main_inprocess(msd, ["--tiny", "--text-model", bert, "--max-steps", "2", "--probe-fractions", "1.0",
+                                 "--output-dir", tmp_path / "out"])
+    online = rec.training_calls()
+    assert online and all(training for _, training in online), "online text model trained with dropout off"
+    assert len({id(m) for m, _ in online}) >= 5  # embeddings + 2 layers x (attention output, output) of BERT
+    assert load_ckpt(tmp_path / "out")["step"] == 2
