@@ -19,6 +19,7 @@ swav_200ep_bs256_pretrain.sh (ResNet-50, 2x224 + 6x96 crops, 3000 prototypes, lr
 72.7% linear top-1 on ImageNet in the official README) when the global batch is 256.
 
   python swav.py --tiny                                                     # CPU smoke run, about a minute
+  python swav.py --tiny --data DIR   # small real 32-px ImageFolder: preset TINY_DATA on top of TINY, about 2 minutes
   python swav.py --data ~/data/cifar10 --arch cifar_resnet18 --size-crops 32 --nmb-crops 2 --min-scale-crops 0.14 \\
       --max-scale-crops 1 --batch-size 256 --freeze-prototypes-niters 195 --queue-length 0  # 1 GPU, CIFAR [inferred]
   torchrun --nproc_per_node=8 swav.py --data /data/imagenet --batch-size 32     # global batch 256, lr 0.6, 200 ep
@@ -43,11 +44,20 @@ import common
 # --- Arguments ---
 # --tiny [inferred]: 2x32 + 2x16-px crops, 2 epochs of 64 steps at batch 32. It keeps the paper's K = 3000 and D = 128
 # and uses the batch-4096 recipe's warmup (0.3 -> 4.8): on the built-in textures, K = 30-300 or no warmup often
-# collapsed to loss = ln K in runs this short. On real 32-px digits it still collapses (CollapseGuard stops it).
+# collapsed to loss = ln K in runs this short. On real 32-px digits it collapses: TINY_DATA below replaces it there.
 TINY = dict(epochs=2, batch_size=32, lr=4.8, final_lr=0.0048, warmup_epochs=1, start_warmup=0.3, workers=0,
             log_every=10, arch="small_cnn", hidden_mlp=128, size_crops=[32, 16], nmb_crops=[2, 2],
             min_scale_crops=[0.3, 0.1], max_scale_crops=[1.0, 0.3], freeze_prototypes_niters=20, queue_length=128,
             epoch_queue_starts=1, collapse_window=15, probe_fixed_features=True, probe_standardize=True)
+# --tiny with a real --data folder [inferred, measured on sklearn digits upscaled to 32 px, 1,437 train images]: the
+# values above collapse there (loss = ln K). As the solo-learn CIFAR recipe: 2 x 32-px crops only, a queue started
+# late, prototypes frozen at first; a short low-lr schedule [inferred]: 7 epochs (~300 steps, ~2 min on 1 core),
+# K = 100 (~10 x classes; K 3000, or 300 at eps 0.05, stayed at ln K here), eps 0.02 (solo-learn: 0.05), lr 0.3
+# warmed up from 0.01 over 1 epoch, prototypes frozen ~1 epoch (44 steps at batch 32), queue 512 from epoch 2 (solo-
+# learn: 3840 from epoch 50), crop scale min 0.4 (digits fill the image; not swept). A flag set to another value than its default wins.
+TINY_DATA = dict(epochs=7, nmb_prototypes=100, epsilon=0.02, lr=0.3, final_lr=0.001, start_warmup=0.01,
+                 freeze_prototypes_niters=44, queue_length=512, epoch_queue_starts=2, size_crops=[32], nmb_crops=[2],
+                 min_scale_crops=[0.4], max_scale_crops=[1.0])
 
 
 def get_args(argv=None):
@@ -71,7 +81,9 @@ def get_args(argv=None):
                    help="evaluate the checkpoint in --output-dir (or the untrained model)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps; 0 = evaluate the untrained model")
-    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data unless --data")
+    p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data; with a "
+                   "real --data folder also the small-real-data preset TINY_DATA (7 epochs, 2 x 32-px crops, K 100, "
+                   "eps 0.02, lr 0.3, queue 512 from epoch 2) [inferred]")
     p.add_argument("--log-every", type=int, default=50)
     m = p.add_argument_group("method")
     m.add_argument("--arch", default="resnet50", choices=["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -108,7 +120,8 @@ def get_args(argv=None):
     m.add_argument("--probe-standardize", action="store_true", help="[deviation] standardise probe features with "
                    "training statistics (keeps lr 0.3 sound for small backbones; --tiny)")
     args = p.parse_args(argv)
-    for k, v in (TINY if args.tiny else {}).items():
+    preset = {**TINY, **(TINY_DATA if args.data != "synthetic" else {})} if args.tiny else {}
+    for k, v in preset.items():
         if getattr(args, k) == p.get_default(k):  # tiny values only where the user kept the default
             setattr(args, k, v)
     return args

@@ -213,6 +213,13 @@ def test_check_args_trims_the_queue_as_main_swav():
         swav.check_args(swav.get_args(["--queue-length", "100"]), 2)
 
 
+def test_tiny_data_preset_only_with_real_data():
+    synthetic, real = swav.get_args(["--tiny"]), swav.get_args(["--tiny", "--data", "/data/digits", "--lr", "0.5"])
+    assert synthetic.nmb_prototypes == 3000 and synthetic.size_crops == [32, 16] and synthetic.lr == 4.8
+    assert all(getattr(real, k) == v for k, v in swav.TINY_DATA.items() if k != "lr") and real.lr == 0.5
+    assert real.arch == "small_cnn" and real.probe_fixed_features  # the rest of TINY, so the probe is the same
+
+
 # --- 2. --tiny learns ---
 def test_tiny_run_learns(tmp_path):
     p = run_script("swav.py", "--tiny", "--output-dir", tmp_path, timeout=240, threads=1)
