@@ -246,9 +246,9 @@ class PairSet(torch.utils.data.Dataset):
     def __init__(self, entries, tok, args):
         self.entries, self.tok, self.args = entries, tok, args
         scale = (0.2, 1.0) if args.mode == "pretrain" else (0.5, 1.0)  # official pretrain / fine-tune crops
-        self.transform = T.Compose([  # official: crop, flip, RandAugment without colour ops, CLIP normalisation
+        self.transform = T.Compose([  # official: crop, flip, RandomAugment(2, 7), CLIP normalisation
             T.RandomResizedCrop(args.image_res, scale, interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), RandAugmentNoColor(2, 7, 11), T.ToTensor(), T.Normalize(MEAN, STD)])
+            T.RandomHorizontalFlip(), RandomAugment(2, 7), T.ToTensor(), T.Normalize(MEAN, STD)])
 
     def __len__(self):
         return len(self.entries)
@@ -269,13 +269,46 @@ class PairSet(torch.utils.data.Dataset):
         return image, ids, mlm_ids, labels, idx
 
 
-class RandAugmentNoColor(T.RandAugment):
-    """RandAugment(N=2, M=7) restricted to the official op list: no colour ops, since captions name colours."""
-    OPS = {"Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
-           "TranslateY", "Rotate"}
+class RandomAugment:
+    """The official RandomAugment(2, 7) (dataset/randaugment.py): N ops drawn with replacement from its list (no
+    colour ops: captions name colours), each applied with probability 0.5, at level M of 10: enhance factor
+    0.1 + 1.8 M/10 (1.36), shear 0.3 M/10 (0.21, about the top-left corner), translate M px (10 M/10, whatever
+    the image size), rotate 3 M degrees (21); shear, translate and rotate take a random sign; grey fill."""
+    OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX",
+           "TranslateY", "Rotate")
 
-    def _augmentation_space(self, num_bins, image_size):
-        return {k: v for k, v in super()._augmentation_space(num_bins, image_size).items() if k in self.OPS}
+    def __init__(self, n=2, m=7):
+        self.n, self.m = n, m
+
+    def level(self, op):
+        """The op's argument at level m, with its random sign."""
+        v = {"Brightness": 0.1 + 1.8 * self.m / 10, "Sharpness": 0.1 + 1.8 * self.m / 10, "ShearX": 0.3 * self.m / 10,
+             "ShearY": 0.3 * self.m / 10, "TranslateX": 10 * self.m / 10, "TranslateY": 10 * self.m / 10,
+             "Rotate": 30 * self.m / 10}.get(op)
+        return v if op in ("Brightness", "Sharpness") or v is None or random.random() < 0.5 else -v
+
+    @staticmethod
+    def apply(img, op, v):  # PIL ops (uint8 in, uint8 out), the official cv2 maps
+        TF, fill, bilinear = T.functional, [128, 128, 128], T.InterpolationMode.BILINEAR
+        if op == "Identity":
+            return img
+        if op in ("AutoContrast", "Equalize"):
+            return TF.autocontrast(img) if op == "AutoContrast" else TF.equalize(img)
+        if op in ("Brightness", "Sharpness"):
+            return (TF.adjust_brightness if op == "Brightness" else TF.adjust_sharpness)(img, v)
+        if op == "Rotate":  # about the centre, as cv2.getRotationMatrix2D((W/2, H/2))
+            return TF.rotate(img, v, bilinear, fill=fill)
+        # official cv2 maps (x, y) -> (x + v y, y) (ShearX) and (x - v, y) (TranslateX); torchvision's signs are
+        # the opposite, and it takes the shear as an angle with tan(angle) = factor
+        shear = -math.degrees(math.atan(v))
+        return TF.affine(img, 0.0, [-v * (op == "TranslateX"), -v * (op == "TranslateY")], 1.0,
+                         [shear * (op == "ShearX"), shear * (op == "ShearY")], bilinear, fill, center=[0, 0])
+
+    def __call__(self, img):
+        for op in random.choices(self.OPS, k=self.n):
+            if random.random() < 0.5:
+                img = self.apply(img, op, self.level(op))
+        return img
 
 
 def collate(batch, pad_id=0):
@@ -392,9 +425,10 @@ class Encoders(nn.Module):
             x = bert_layer(layer, x, mask, image)
         return x
 
-    def mlm_logits(self, ids, att, image, where):
-        """All 12 layers, then the MLM head only at the masked positions `where` (the loss uses no others)."""
-        return self.text_encoder.cls(self.fusion(self.text(ids, att)[0], att, image)[where])
+    def mlm_logits(self, ids, att, image):
+        """All 12 layers, then the MLM head at every position, as official: (B, L, V). Scoring only the masked
+        positions would save a little compute but gives tensors of data-dependent shape (a graph break)."""
+        return self.text_encoder.cls(self.fusion(self.text(ids, att)[0], att, image))
 
 
 class ALBEF(nn.Module):
@@ -502,12 +536,14 @@ def mask_tokens(ids, vocab_size, mask_id, pad_id, cls_id, p=0.15, generator=None
 
 
 def mlm_distill_loss(logits, labels, soft_labels, alpha):
-    """L_mlm^mod (Sec. 3.3) as official: (1-alpha) CE(labels) + alpha * mean_masked -sum_v q_m(v) log p(v)."""
-    keep = labels != -100
-    if not keep.any():
-        return logits.sum() * 0.0
-    logp = F.log_softmax(logits[keep].float(), dim=-1)
-    return (1 - alpha) * F.nll_loss(logp, labels[keep]) + alpha * -(soft_labels[keep].float() * logp).sum(-1).mean()
+    """L_mlm^mod (Sec. 3.3) as official: (1-alpha) CE(labels) + alpha * mean_masked -sum_v q_m(v) log p(v).
+    logits, soft_labels: (N, V); labels: (N,), -100 where not masked. Means over the masked positions by weights
+    (no boolean indexing, so shapes stay static); 0 when nothing is masked (the official code gives NaN)."""
+    keep = (labels != -100).float()
+    n = keep.sum().clamp_min(1.0)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ce = F.nll_loss(logp, labels, ignore_index=-100, reduction="sum") / n
+    return (1 - alpha) * ce + alpha * (-(soft_labels.float() * logp).sum(-1) * keep).sum() / n
 
 
 def alpha_at(epoch, it, iters_per_epoch, alpha, warm_up=True):
@@ -552,10 +588,11 @@ def albef_losses(model, model_m, queue, image, ids, att, mlm_ids, mlm_labels, id
     loss_itm = F.cross_entropy(model.itm_head(fused[:, 0]).float(), itm_labels(b, v.device))
     loss_mlm = torch.zeros((), device=v.device)
     if pretrain:  # MLM conditioned on the image; the momentum model's soft labels use its own image tokens
-        where = mlm_labels != -100
         with torch.no_grad():
-            soft = F.softmax(model_m.mlm_logits(mlm_ids, att, img_tok_m, where).float(), dim=-1)
-        loss_mlm = mlm_distill_loss(enc.mlm_logits(mlm_ids, att, img_tok, where), mlm_labels[where], soft, alpha)
+            soft = F.softmax(model_m.mlm_logits(mlm_ids, att, img_tok_m).float(), dim=-1).flatten(0, 1)
+        logits = enc.mlm_logits(mlm_ids, att, img_tok).flatten(0, 1)  # (B*L, V)
+        with torch.autocast(v.device.type, enabled=False):  # log-softmax over the vocabulary in fp32
+            loss_mlm = mlm_distill_loss(logits, mlm_labels.flatten(), soft, alpha)
     return loss_itc, loss_itm, loss_mlm, (v_m, t_m, idx)
 
 
