@@ -23,10 +23,11 @@ Launch:
       --eval-data coco_test.json --image-root IMAGES                # paper: 4M pairs, 8 x 64, 30 epochs
   torchrun --nnodes=2 --node_rank=0|1 --master_addr=HOST --master_port=29500 --nproc_per_node=8 albef.py \\
       --lr 2e-4 ...                                                  # 16 GPUs: official advice, lr x 2
-  Retrieval fine-tuning (COCO; Flickr: --epochs 10 --k-test 128), from a pretraining checkpoint:
-  torchrun --nproc_per_node=8 albef.py --mode retrieval --init runs/albef/checkpoint.pt --data coco_train.json \\
-      --eval-data coco_test.json --image-root IMAGES --image-res 384 --batch-size 32 --epochs 5 --lr 1e-5 \\
-      --min-lr 1e-6 --warmup-steps 1 --max-len 30 --output-dir runs/albef_coco
+  Retrieval fine-tuning (COCO; Flickr: --epochs 10 --k-test 128) takes the official Retrieval_coco.yaml (384 px,
+  8 x 32, lr 1e-5 -> 1e-6, 5 epochs) and starts from a checkpoint of this file or a released one (ALBEF.pth,
+  ALBEF_4M.pth; mscoco.pth, flickr30k.pth to evaluate with --eval-only): `convert_official`, `load_init`.
+  torchrun --nproc_per_node=8 albef.py --mode retrieval --init ALBEF.pth --data coco_train.json \\
+      --val-data coco_val.json --eval-data coco_test.json --image-root IMAGES --output-dir runs/albef_coco
 """
 import argparse
 import collections
@@ -36,6 +37,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 
 import torch
@@ -50,12 +52,15 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizer, ViTConfig, 
 import common
 
 # --- Arguments ---
+RETRIEVAL = dict(image_res=384, batch_size=32, lr=1e-5, min_lr=1e-6, warmup_lr=1e-5, warmup_steps=1, epochs=5,
+                 max_len=30)  # official configs/Retrieval_coco.yaml (Flickr: --epochs 10 --k-test 128)
 TINY = dict(epochs=5, batch_size=16, lr=1e-3, workers=0, log_every=10, image_res=32, embed_dim=32, queue_size=64,
             fusion_layer=2, max_len=16, k_test=10, min_lr=1e-4, warmup_lr=1e-4, warmup_steps=2, warmup_iters=10)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="ALBEF (arXiv 2107.07651): ITC + ITM + MLM with momentum distillation")
+    p = argparse.ArgumentParser(description="ALBEF (arXiv 2107.07651): ITC + ITM + MLM with momentum distillation",
+                                allow_abbrev=False)
     p.add_argument("--data", default="synthetic", help="'synthetic', or official JSON file(s), comma-separated: "
                    "pretraining [{image, caption}]; --mode retrieval [{image, caption, image_id}]")
     p.add_argument("--output-dir", default="runs/albef")
@@ -76,7 +81,9 @@ def get_args(argv=None):
     m = p.add_argument_group("method")
     m.add_argument("--mode", choices=["pretrain", "retrieval"], default="pretrain", help="pretrain: L_itc + L_itm + "
                    "L_mlm (Sec. 3.2); retrieval fine-tuning: L_itc + L_itm, positives by image id (Sec. 5)")
-    m.add_argument("--eval-data", default=None, help="retrieval val/test JSON [{image, caption: [...]}]")
+    m.add_argument("--eval-data", default=None, help="retrieval test JSON [{image, caption: [...]}]")
+    m.add_argument("--val-data", default=None, help="--mode retrieval: val JSON, evaluated with the test set after "
+                   "every epoch; the epoch best on val is kept (official Retrieval.py)")
     m.add_argument("--image-root", default="", help="prefix of relative image paths in the JSON files")
     m.add_argument("--vit", default="facebook/deit-base-patch16-224", help="ViT-B/16 initialised from DeiT "
                    "(Sec. 3.1): HF name or local dir")
@@ -105,9 +112,11 @@ def get_args(argv=None):
                    "(official code: 20 x 100 = 2000; the paper says 1000 iterations)")
     m.add_argument("--warmup-iters", type=int, default=100, help="iterations per warm-up stair (official code)")
     args = p.parse_args(argv)
-    if args.tiny:  # tiny values only where the flag was not given
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k):
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}
+    for preset, on in ((RETRIEVAL, args.mode == "retrieval"), (TINY, args.tiny)):  # flags given on the command
+        for k, v in preset.items() if on else ():  # line win over both presets
+            if k not in given:
                 setattr(args, k, v)
     return args
 
@@ -171,9 +180,11 @@ def synthetic_data(args):
     n_train, n_test = (1024, 100) if args.tiny else (20000, 1000)
     train = [(s, scene_captions(s), i) for i, s in enumerate(rng.choices(scenes, k=n_train))]
     test = [{"image": s, "caption": scene_captions(s)} for s in rng.sample(scenes, n_test)]  # distinct scenes
-    if args.mode == "retrieval":  # the retrieval train format: one entry per caption
-        train = [(s, [c], i) for s, caps, i in train for c in caps]
-    return train, test
+    if args.mode == "pretrain":
+        return train, test, None
+    unseen = sorted(set(scenes) - {it["image"] for it in test})
+    val = [{"image": s, "caption": scene_captions(s)} for s in rng.sample(unseen, n_test)]
+    return [(s, [c], i) for s, caps, i in train for c in caps], test, val  # retrieval: one entry per caption
 
 
 def read_json(path, keys):
@@ -194,24 +205,31 @@ def read_json(path, keys):
     return items
 
 
+def captions(c):
+    return [pre_caption(x) for x in (c if isinstance(c, list) else [c])]
+
+
 def load_data(args):
-    """-> train [(image, [captions], idx)], eval [{image, caption: [...]}]; idx = contiguous image id."""
+    """-> train [(image, [captions], idx)], test and val (retrieval only) [{image, caption: [...]}]; idx =
+    contiguous image id."""
     if args.data == "synthetic":
         return synthetic_data(args)
-    if not args.eval_data:
-        raise SystemExit("error: a real --data needs --eval-data <retrieval val/test JSON> for the evaluation")
+    retrieval = args.mode == "retrieval"
+    if not args.eval_data or (retrieval and not args.val_data):
+        raise SystemExit(f"error: a real --data needs --eval-data <test JSON>{' and --val-data <val JSON>' * retrieval}"
+                         " for the evaluation")
     train, ids = [], {}
-    captions = lambda c: [pre_caption(x) for x in (c if isinstance(c, list) else [c])]  # noqa: E731
     for path in args.data.split(","):
-        for it in read_json(path, ("image", "caption") + (("image_id",) if args.mode == "retrieval" else ())):
-            idx = ids.setdefault(it["image_id"], len(ids)) if args.mode == "retrieval" else len(train)
+        for it in read_json(path, ("image", "caption") + (("image_id",) if retrieval else ())):
+            idx = ids.setdefault(it["image_id"], len(ids)) if retrieval else len(train)
             train.append((os.path.join(args.image_root, it["image"]), captions(it["caption"]), idx))
-    test = [{"image": os.path.join(args.image_root, it["image"]), "caption": captions(it["caption"])}
-            for it in read_json(args.eval_data, ("image", "caption"))]
-    missing = [p for p in [train[0][0]] + [it["image"] for it in test] if not os.path.isfile(p)]
+    test, val = ([{"image": os.path.join(args.image_root, it["image"]), "caption": captions(it["caption"])}
+                  for it in read_json(path, ("image", "caption"))] if path else None
+                 for path in (args.eval_data, args.val_data if retrieval else None))
+    missing = [p for p in [train[0][0]] + [it["image"] for it in test + (val or [])] if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"error: image {missing[0]} not found; check --image-root")
-    return train, test
+    return train, test, val
 
 
 def make_tokenizer(args, captions):
@@ -665,15 +683,74 @@ def evaluate(model, test, tok, args, device, amp):
 
 
 # --- Train ---
+def convert_official(sd, vit_keys):
+    """A released ALBEF state dict (ALBEF.pth, ALBEF_4M.pth: pretraining; mscoco.pth, flickr30k.pth: retrieval,
+    whose BERT has no 'bert.' prefix and no MLM head) -> (model, momentum model, queue) state dicts in this file's
+    names. timm's ViT keys become transformers' (whose names changed in v5: `vit_keys` tells which), its fused qkv
+    is split into q, k, v; '*_m' keys go to the momentum model."""
+    v5 = "layers.0.attention.q_proj.weight" in vit_keys
+    block = "layers.{}." if v5 else "encoder.layer.{}."
+    names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
+             "attn.proj": "attention.o_proj" if v5 else "attention.output.dense",
+             "mlp.fc1": "mlp.fc1" if v5 else "intermediate.dense", "mlp.fc2": "mlp.fc2" if v5 else "output.dense",
+             "attn.qkv": [f"attention.{x}_proj" for x in "qkv"] if v5 else
+             [f"attention.attention.{x}" for x in ("query", "key", "value")]}
+    top = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+           "patch_embed.proj": "embeddings.patch_embeddings.projection", "norm": "layernorm"}
+    queues = {"image_queue": "image", "text_queue": "text", "idx_queue": "idx", "queue_ptr": "ptr"}
+    model, model_m, queue = {}, {}, {}
+    for key, val in sd.items():
+        if key in queues:
+            queue[queues[key]] = val.reshape(()) if key == "queue_ptr" else val
+            continue
+        head, _, rest = key.partition(".")
+        out, pre = (model_m, "") if head.endswith("_m") else (model, "enc.")
+        head = head.removesuffix("_m")
+        if head == "visual_encoder":
+            blk = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", rest)
+            if blk:
+                n, name, kind = blk.groups()
+                parts = zip(names[name], val.chunk(3)) if name == "attn.qkv" else [(names[name], val)]
+                for target, v in parts:
+                    out[f"{pre}visual_encoder.{block.format(n)}{target}.{kind}"] = v
+            else:
+                name = rest if rest in top else rest.rpartition(".")[0]
+                out[f"{pre}visual_encoder.{top[name]}{rest[len(name):]}"] = val
+        elif head == "text_encoder":
+            rest = rest if rest.startswith(("bert.", "cls.")) else "bert." + rest
+            out[f"{pre}text_encoder.{rest}"] = val
+        else:  # vision_proj, text_proj (both models), itm_head, temp
+            out[(pre if head.endswith("proj") else "") + key.replace("_m.", ".")] = val
+    return model, model_m, queue
+
+
 def load_init(path, model, model_m, queue, n_patches):
-    """Start fine-tuning from a pretraining checkpoint: both models and the feature queues (official Retrieval.py)."""
-    state = common.read_checkpoint(path, "albef")
-    for module, sd, key in ((model, state["model"], "enc.visual_encoder.embeddings.position_embeddings"),
-                            (model_m, state["momentum_model"], "visual_encoder.embeddings.position_embeddings")):
-        sd[key] = resize_pos_embed(sd[key], n_patches)
-        common.load_state(module, sd, path)
-    if state["queue"]["image"].shape == queue.image.shape:
-        queue.image.copy_(state["queue"]["image"]), queue.text.copy_(state["queue"]["text"])
+    """Start from a checkpoint of this file or a released official one: both models and the feature queues (as
+    official Retrieval.py), positions resized to the resolution; the MLM head stays as built where it is absent."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+        official = isinstance(raw, dict) and "visual_encoder.pos_embed" in raw.get("model", {})
+    except Exception:
+        official = False
+    if official:
+        sd, sd_m, q = convert_official(raw["model"], model.enc.visual_encoder.state_dict().keys())
+    else:
+        state = common.read_checkpoint(path, "albef")
+        sd, sd_m, q = state["model"], state["momentum_model"], state["queue"]
+    for module, state_dict, pre in ((model, sd, "enc."), (model_m, sd_m, "")):
+        key = f"{pre}visual_encoder.embeddings.position_embeddings"
+        state_dict[key] = resize_pos_embed(state_dict[key], n_patches)
+        try:
+            bad = module.load_state_dict(state_dict, strict=False)
+        except RuntimeError as e:
+            raise SystemExit(f"error: {path} does not fit this model ({str(e).splitlines()[1].strip()}); use the "
+                             "flags it was trained with") from None
+        bad = [k for k in bad.missing_keys if not k.startswith(f"{pre}text_encoder.cls.")] + \
+              [k for k in bad.unexpected_keys if not k.endswith("position_ids")]
+        if bad:
+            raise SystemExit(f"error: {path} does not fit this model ({bad[0]}); use the flags it was trained with")
+    if q["image"].shape == queue.image.shape:
+        queue.image.copy_(q["image"]), queue.text.copy_(q["text"])
     common.print0(f"initialised from {path}")
 
 
@@ -686,7 +763,7 @@ def main(argv=None):
     check_args(args, world)
     os.makedirs(args.output_dir, exist_ok=True)
     global_batch = args.batch_size * world
-    train, test = load_data(args)
+    train, test, val = load_data(args)
     tok = make_tokenizer(args, [c for _, caps, _ in train for c in caps])
     common.seed_everything(args.seed)  # identical initialisation on every rank
     model = ALBEF(build_encoders(args, len(tok)), args.temp).to(device)
@@ -695,7 +772,7 @@ def main(argv=None):
     head = model.enc.text_encoder.cls.predictions  # fine-tuning has no MLM: freeze the head, but not the word
     for p in (*head.transform.parameters(), head.bias):  # embeddings that its decoder shares
         p.requires_grad_(args.mode == "pretrain")
-    path, step, metrics_init = os.path.join(args.output_dir, "checkpoint.pt"), 0, None
+    path, step, metrics_init, best = os.path.join(args.output_dir, "checkpoint.pt"), 0, None, None
     if args.init and not os.path.exists(path):
         load_init(args.init, model, model_m, queue, (args.image_res // model.enc.visual_encoder.config.patch_size) ** 2)
     # official param groups: no weight decay for 1-D tensors and biases (the 0-d temperature *is* decayed)
@@ -709,7 +786,7 @@ def main(argv=None):
     if state is not None:
         common.restore(state, path, model=model, momentum_model=model_m, queue=queue,
                        **({} if args.eval_only else {"optimizer": optimizer, "scaler": scaler}))
-        step, metrics_init = state["step"], state.get("metrics_init")
+        step, metrics_init, best = state["step"], state.get("metrics_init"), state.get("best")
         common.print0(f"resumed from {path} at step {step}")
     ds = PairSet(train, tok, args)
     sampler = common.ResumableSampler(len(ds), args.batch_size, seed=args.seed)
@@ -734,7 +811,7 @@ def main(argv=None):
         common.save_checkpoint(path, "albef", step, {
             "args": vars(args), "model": model.state_dict(), "momentum_model": model_m.state_dict(),
             "queue": queue.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": step // spe, "metrics_init": metrics_init}, finite=[model])
+            "epoch": step // spe, "metrics_init": metrics_init, "best": best}, finite=[model])
 
     t0, seen = time.time(), 0
     while step < total:
@@ -771,8 +848,19 @@ def main(argv=None):
                 bar.set_postfix(loss=f"{v[0]:.3f}", itc=f"{v[1]:.3f}", itm=f"{v[2]:.3f}", mlm=f"{v[3]:.3f}")
             if step == total:
                 break
+        if args.mode == "retrieval" and step % spe == 0:  # official Retrieval.py: val and test after every epoch
+            res = {k: evaluate(model, v, tok, args, device, amp) for k, v in (("val", val), ("test", test))}
+            common.log_jsonl(args.output_dir, {"step": step, "epoch": epoch, **res})
+            if best is None or res["val"]["r_mean"] > best["val"]["r_mean"]:  # keep the epoch best on val
+                best = {"epoch": epoch, **res}
+                common.save_checkpoint(os.path.join(args.output_dir, "best.pt"), "albef", step, {
+                    "args": vars(args), "model": model.state_dict(), "momentum_model": model_m.state_dict(),
+                    "queue": queue.state_dict(), "epoch": epoch, "val": res["val"]}, finite=[model])
         save()  # at every epoch end and when --max-steps stops the run
-    metrics = evaluate(model, test, tok, args, device, amp)
+    if best is not None and not args.eval_only:  # retrieval: the test scores of the epoch best on val
+        metrics = {**best["test"], "best_epoch": best["epoch"], "val_r_mean": best["val"]["r_mean"]}
+    else:
+        metrics = evaluate(model, test, tok, args, device, amp)
     if metrics_init is not None:
         metrics = {"r_mean": metrics["r_mean"], "r_mean_init": metrics_init["r_mean"], **metrics}
     common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)

@@ -56,8 +56,8 @@ def read_log(output_dir):
         return [json.loads(line) for line in f]
 
 
-def load_ckpt(output_dir):
-    return torch.load(os.path.join(output_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+def load_ckpt(output_dir, name="checkpoint.pt"):
+    return torch.load(os.path.join(output_dir, name), map_location="cpu", weights_only=False)
 
 
 def assert_tensors_close(a, b, atol=0.0, rtol=0.0, path="state"):

@@ -200,7 +200,7 @@ def test_pre_caption_and_synthetic_captions():
     assert albef.pre_caption(" ".join(["w"] * 40)) == " ".join(["w"] * 30)
     caps = albef.scene_captions(("red", "circle", "blue", "square", True))
     assert caps[0] == "a red circle above a blue square" and all("red circle" in c and "blue square" in c for c in caps)
-    train, test = albef.synthetic_data(albef.get_args(["--tiny"]))
+    train, test, _ = albef.synthetic_data(albef.get_args(["--tiny"]))
     assert len({it["image"] for it in test}) == len(test) == 100  # distinct scenes: retrieval is well defined
     img = albef.render(test[0]["image"], 32)
     assert img.shape == (3, 32, 32) and torch.isfinite(img).all()
@@ -236,18 +236,27 @@ def test_official_json_formats_train_and_evaluate(tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(obj))
     args = albef.get_args(["--tiny", "--mode", "retrieval", "--data", str(tmp_path / "ret.json"), "--eval-data",
                            str(tmp_path / "test.json"), "--image-root", str(tmp_path / "img")])
-    train, ev = albef.load_data(args)
+    with pytest.raises(SystemExit, match="--val-data"):  # retrieval keeps the epoch best on val: a val set is needed
+        albef.load_data(args)
+    args.val_data = str(tmp_path / "test.json")
+    train, ev, val = albef.load_data(args)
     assert [idx for _, _, idx in train[:9]] == [0, 1, 2, 3, 4, 5, 6, 7, 0]  # image ids -> contiguous idx
     assert ev[0]["caption"] == ["photo 0", "a photo"] and ev[0]["image"].endswith("0.png")
     for mode, data, more in (("pretrain", "pre.json", []),  # then fine-tune from it at 48 px (positions resized)
                              ("retrieval", "ret.json", ["--init", str(tmp_path / "pretrain" / "checkpoint.pt"),
-                                                        "--image-res", "48"])):
+                                                        "--image-res", "48", "--val-data", str(tmp_path / "test.json")])):
         out = tmp_path / mode
         albef.main(["--tiny", "--mode", mode, "--data", str(tmp_path / data), "--eval-data", str(tmp_path / "test.json"),
                     "--image-root", str(tmp_path / "img"), "--max-steps", "2", "--output-dir", str(out), *more])
         m = read_metrics(out)
         assert 0 <= m["r_mean"] <= 100 and load_ckpt(out)["step"] == 2
         assert load_ckpt(out)["queue"]["ptr"].item() == 32
+    evals = [r for r in read_log(tmp_path / "retrieval") if "val" in r]  # Retrieval.py: val + test every epoch
+    assert [r["epoch"] for r in evals] == [0, 1] and all("test" in r for r in evals)
+    best = max(evals, key=lambda r: (r["val"]["r_mean"], -r["epoch"]))  # the first epoch with the best val
+    m = read_metrics(tmp_path / "retrieval")
+    assert m["best_epoch"] == best["epoch"] and m["r_mean"] == best["test"]["r_mean"] == evals[best["epoch"]]["test"]["r_mean"]
+    assert load_ckpt(tmp_path / "retrieval", "best.pt")["epoch"] == best["epoch"]
     pre, ft = load_ckpt(tmp_path / "pretrain")["model"], load_ckpt(tmp_path / "retrieval")["model"]
     assert ft["enc.visual_encoder.embeddings.position_embeddings"].shape == (1, 1 + 36, 64)  # 6 x 6 patches of 8 px
     word, head = "enc.text_encoder.bert.embeddings.word_embeddings.weight", "enc.text_encoder.cls.predictions.bias"
@@ -302,6 +311,19 @@ def test_bf16_and_compile_run_a_few_steps(tmp_path, flag):
         counters = torch._dynamo.utils.counters
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_retrieval_mode_takes_the_official_config():
+    """--mode retrieval: configs/Retrieval_coco.yaml unless a flag is given; given flags always win over presets."""
+    a = albef.get_args(["--mode", "retrieval"])
+    assert (a.image_res, a.batch_size, a.lr, a.min_lr, a.warmup_lr, a.warmup_steps, a.epochs, a.max_len, a.k_test) == \
+        (384, 32, 1e-5, 1e-6, 1e-5, 1, 5, 30, 256)
+    assert albef.albef_lr(0, 150, a.lr, a.warmup_lr, a.min_lr, a.warmup_steps, 100, a.epochs) == 1e-5  # flat warm-up
+    a = albef.get_args(["--mode", "retrieval", "--epochs=10", "--k-test", "128", "--lr", "1e-4"])  # Flickr
+    assert (a.epochs, a.k_test, a.lr, a.image_res) == (10, 128, 1e-4, 384)
+    assert albef.get_args(["--tiny", "--epochs", "30"]).epochs == 30  # equal to the default, but given
+    assert albef.get_args(["--mode", "retrieval", "--tiny"]).image_res == 32 and albef.get_args([]).image_res == 256
+    albef.check_args(albef.get_args(["--mode", "retrieval"]), 8)  # 65536 % (32 x 8) == 0
 
 
 def test_check_args_at_world_size():
@@ -414,7 +436,7 @@ def _albef_grads(world, rank, out):
     seed per slice."""
     torch.set_num_threads(1)
     args = albef.get_args(["--tiny", "--output-dir", str(out)])
-    train, _ = albef.synthetic_data(args)
+    train = albef.synthetic_data(args)[0]
     tok = albef.make_tokenizer(args, [c for _, caps, _ in train for c in caps])
     torch.manual_seed(0)
     model = albef.ALBEF(albef.build_encoders(args, len(tok)), args.temp)
@@ -450,3 +472,87 @@ def test_two_processes_give_the_mean_of_the_per_process_gradients(tmp_path):
         for r in range(2):
             err = (two[r][name] - ref).norm()
             assert err <= 1e-4 * ref.norm() + 1e-7, f"{name}: |diff| {err:.3g} vs |grad| {ref.norm():.3g}"
+
+
+def _official_state_dict(enc, vocab, retrieval=False, seed=0):
+    """Random tensors in the key layout and shapes of the released checkpoints (timm ViT, xbert BERT, *_m copies,
+    queues), for this file's tiny sizes (width 64, 2 ViT blocks, 4 BERT layers with 2 fusion layers, 32 px)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    d, sd = 64, {}
+    for m in ("", "_m"):
+        v = f"visual_encoder{m}."
+        sd.update({v + "cls_token": r(1, 1, d), v + "pos_embed": r(1, 17, d), v + "patch_embed.proj.weight": r(d, 3, 8, 8),
+                   v + "patch_embed.proj.bias": r(d), v + "norm.weight": 1 + r(d), v + "norm.bias": r(d)})
+        for n in range(2):
+            b = f"{v}blocks.{n}."
+            sd.update({b + "norm1.weight": 1 + r(d), b + "norm1.bias": r(d), b + "attn.qkv.weight": r(3 * d, d),
+                       b + "attn.qkv.bias": r(3 * d), b + "attn.proj.weight": r(d, d), b + "attn.proj.bias": r(d),
+                       b + "norm2.weight": 1 + r(d), b + "norm2.bias": r(d), b + "mlp.fc1.weight": r(4 * d, d),
+                       b + "mlp.fc1.bias": r(4 * d), b + "mlp.fc2.weight": r(d, 4 * d), b + "mlp.fc2.bias": r(d)})
+        for k, t in enc.text_encoder.state_dict().items():  # xbert keeps transformers' BERT names
+            if retrieval and k.startswith("cls."):
+                continue  # the retrieval model's BERT has no MLM head and no 'bert.' prefix
+            sd[f"text_encoder{m}." + (k.removeprefix("bert.") if retrieval else k)] = r(*t.shape)
+        if not retrieval:  # the decoder is tied to the word embeddings and its bias to the head's bias, as in BERT
+            sd[f"text_encoder{m}.cls.predictions.decoder.weight"] = sd[f"text_encoder{m}.bert.embeddings.word_embeddings.weight"]
+            sd[f"text_encoder{m}.cls.predictions.decoder.bias"] = sd[f"text_encoder{m}.cls.predictions.bias"]
+        for p in ("vision_proj", "text_proj"):
+            sd.update({f"{p}{m}.weight": r(32, d), f"{p}{m}.bias": r(32)})
+    sd.update({"itm_head.weight": r(2, d), "itm_head.bias": r(2), "temp": torch.tensor(0.05),
+               "image_queue": F.normalize(r(32, 64), dim=0), "text_queue": F.normalize(r(32, 64), dim=0),
+               "queue_ptr": torch.zeros(1, dtype=torch.long)})
+    return sd
+
+
+def _timm_vit(sd, x, pre="visual_encoder."):
+    """The official (timm) ViT forward written from the state dict: pre-norm blocks, fused qkv, eps 1e-6."""
+    ln = lambda t, k: F.layer_norm(t, (64,), sd[k + ".weight"], sd[k + ".bias"], 1e-6)  # noqa: E731
+    x = F.conv2d(x, sd[pre + "patch_embed.proj.weight"], sd[pre + "patch_embed.proj.bias"], stride=8)
+    x = torch.cat([sd[pre + "cls_token"].expand(len(x), -1, -1), x.flatten(2).transpose(1, 2)], 1) + sd[pre + "pos_embed"]
+    for n in range(2):
+        b = f"{pre}blocks.{n}."
+        q, k, v = F.linear(ln(x, b + "norm1"), sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]).view(
+            len(x), -1, 3, 2, 32).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + F.linear(a, sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"])
+        h = F.gelu(F.linear(ln(x, b + "norm2"), sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"]))
+        x = x + F.linear(h, sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"])
+    return ln(x, pre + "norm")
+
+
+@pytest.mark.parametrize("layout", ["pretrain", "retrieval"])
+def test_released_checkpoints_load(tmp_path, layout):
+    """ALBEF.pth / ALBEF_4M.pth (pretraining) and mscoco.pth / flickr30k.pth (retrieval) in the official layout load
+    through --init: the image encoder computes what the timm ViT of the state dict computes (q, k, v split right),
+    BERT, projections, ITM head, temperature, momentum copies and queues arrive, positions are resized."""
+    args = albef.get_args(["--tiny", "--embed-dim", "32", "--queue-size", "64"])
+    model = albef.ALBEF(albef.build_encoders(args, 50), args.temp)
+    model_m, queue = common.momentum_copy(model.enc), albef.Queue(32, 64, 0)
+    sd = _official_state_dict(model.enc, 50, retrieval=layout == "retrieval")
+    torch.save({"model": sd, "config": {"image_res": 32}, "epoch": 29}, tmp_path / "ALBEF.pth")
+    head = {k: v.clone() for k, v in model.enc.text_encoder.cls.state_dict().items()}
+    albef.load_init(str(tmp_path / "ALBEF.pth"), model, model_m, queue, 16)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.enc.visual_encoder(pixel_values=x).last_hidden_state, _timm_vit(sd, x),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model_m.visual_encoder(pixel_values=x).last_hidden_state,
+                                   _timm_vit(sd, x, "visual_encoder_m."), atol=1e-5, rtol=1e-4)
+    bert = "bert.encoder.layer.3.crossattention.self.value.weight"
+    src = "text_encoder." + (bert if layout == "pretrain" else bert.removeprefix("bert."))
+    assert torch.equal(model.enc.text_encoder.state_dict()[bert], sd[src])
+    assert torch.equal(model_m.text_encoder.state_dict()[bert], sd[src.replace("encoder.", "encoder_m.", 1)])
+    assert torch.equal(model.enc.vision_proj.weight, sd["vision_proj.weight"]) and model.temp.item() == pytest.approx(0.05)
+    assert torch.equal(model_m.text_proj.bias, sd["text_proj_m.bias"]) and torch.equal(model.itm_head.bias, sd["itm_head.bias"])
+    assert torch.equal(queue.image, sd["image_queue"]) and torch.equal(queue.text, sd["text_queue"])
+    mlm = model.enc.text_encoder.cls.state_dict()
+    assert all(torch.equal(mlm[k], sd[f"text_encoder.cls.{k}"] if layout == "pretrain" else head[k])
+               for k in head if not k.startswith("predictions.decoder"))  # the decoder is the word embeddings
+    model384 = albef.ALBEF(albef.build_encoders(albef.get_args(["--tiny", "--image-res", "48"]), 50), args.temp)
+    albef.load_init(str(tmp_path / "ALBEF.pth"), model384, common.momentum_copy(model384.enc), queue, 36)
+    assert model384.enc.visual_encoder.embeddings.position_embeddings.shape == (1, 37, 64)  # 4 x 4 -> 6 x 6 patches
+    del sd["visual_encoder.blocks.1.attn.qkv.weight"]
+    torch.save({"model": sd}, tmp_path / "broken.pth")
+    with pytest.raises(SystemExit, match="broken.pth does not fit"):
+        albef.load_init(str(tmp_path / "broken.pth"), model, model_m, queue, 16)
