@@ -42,6 +42,7 @@ import math
 import os
 import random
 import re
+import sys
 import sysconfig
 import time
 import tokenize
@@ -62,7 +63,7 @@ TINY = dict(batch_size=32, lr=1e-3, workers=0, log_every=10, from_scratch=True, 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="CoCoSoDa: momentum contrast with soft data augmentation for code search")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="CoCoSoDa: momentum contrast with soft data augmentation for code search")
     p.add_argument("--data", default="synthetic", help="'synthetic': the built-in corpus, real functions with "
                    "docstrings from this Python's standard library; or a CodeSearchNet folder with "
                    "<lang>/{train,valid,test,codebase}.jsonl")
@@ -112,11 +113,13 @@ def get_args(argv=None):
     m.add_argument("--eval-steps", type=int, default=1000, help="pre-training: validation MRR + checkpoint every N "
                    "steps (official); fine-tuning validates at epoch ends (official)")
     args = p.parse_args(argv)
-    if args.tiny:  # tiny values only where the user kept the default; a given --model-name is used as given
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k) and not (k == "from_scratch" and args.model_name !=
-                                                               p.get_default("model_name")):
-                setattr(args, k, v)
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
+    if "model_name" in given:  # a --model-name given with --tiny is used as given
+        given.add("from_scratch")
+    for k, v in TINY.items() if args.tiny else ():
+        if k not in given:
+            setattr(args, k, v)
     return args
 
 

@@ -28,6 +28,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -47,7 +48,7 @@ TINY = dict(epochs=5, batch_size=32, lr=0.3, warmup_epochs=1, workers=0, log_eve
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="DCL / DCLW in SimCLR",
+    p = argparse.ArgumentParser(allow_abbrev=False, description="DCL / DCLW in SimCLR",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic", help="'synthetic', an ImageFolder root with train/ and val/, "
                    "or a folder holding cifar-10-batches-py or cifar-100-python (never downloaded)")
@@ -88,10 +89,11 @@ def get_args(argv=None):
                    help="linear probe epochs on frozen features [lib: raminnakhli]")
     m.add_argument("--probe-lr", type=float, default=0.1, help="linear probe SGD lr (standardised features) [inferred]")
     args = p.parse_args(argv)
-    if args.tiny:  # tiny values only where the user kept the default
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
+    for k, v in TINY.items() if args.tiny else ():
+        if k not in given:
+            setattr(args, k, v)
     return args
 
 

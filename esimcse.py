@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import sys
 import tempfile
 import time
 import unicodedata
@@ -48,7 +49,7 @@ TINY = dict(model="scratch", lr=2e-3, workers=0, log_every=10, eval_steps=40)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="synthetic",
                    help="'synthetic' (built-in corpus [inferred]) or a text file with one sentence per line\n"
                         "(wiki1m format)")
@@ -96,10 +97,11 @@ def get_args(argv=None):
     m.add_argument("--sts-dir", help="SentEval STS folder holding STS12-en-test ... STS16-en-test")
     m.add_argument("--sick-path", help="SentEval SICK_test_annotated.txt")
     args = p.parse_args(argv)
-    if args.tiny:
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
+    for k, v in TINY.items() if args.tiny else ():
+        if k not in given:
+            setattr(args, k, v)
     return args
 
 

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 
 import numpy as np
@@ -55,7 +56,7 @@ TINY = dict(epochs=12, batch_size=16, lr=2e-3, workers=0, log_every=10, accum_st
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MSD: momentum self-distillation with window-consistent accumulation")
+    p = argparse.ArgumentParser(allow_abbrev=False, description="MSD: momentum self-distillation with window-consistent accumulation")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a folder with train/test .jsonl|.csv")
     p.add_argument("--output-dir", default="runs/msd")
     p.add_argument("--epochs", type=int, default=30, help="[inferred, ALBEF]")
@@ -104,11 +105,13 @@ def get_args(argv=None):
     g.add_argument("--probe-fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                    help="fractions of the labelled training rows given to the linear probe [inferred]")
     args = p.parse_args(argv)
-    if args.tiny:  # a --text-model given with --tiny (a local folder) is loaded, with its own dropout
-        given = {"no_pretrained", "dropout"} if args.text_model != p.get_default("text_model") else set()
-        for k, v in TINY.items():
-            if getattr(args, k) == p.get_default(k) and k not in given:
-                setattr(args, k, v)
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
+    if "text_model" in given:  # a --text-model given with --tiny (a local folder) is loaded, with its own dropout
+        given |= {"no_pretrained", "dropout"}
+    for k, v in TINY.items() if args.tiny else ():
+        if k not in given:
+            setattr(args, k, v)
     return args
 
 

@@ -30,6 +30,7 @@ import argparse
 import itertools
 import math
 import os
+import sys
 import time
 
 import torch
@@ -61,7 +62,7 @@ TINY_DATA = dict(epochs=7, nmb_prototypes=100, epsilon=0.02, lr=0.3, final_lr=0.
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SwAV (arXiv 2006.09882)",
+    p = argparse.ArgumentParser(allow_abbrev=False, description="SwAV (arXiv 2006.09882)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="synthetic", help="'synthetic', an ImageFolder root with train/ and val/, or a "
                    "folder holding torchvision's cifar-10-batches-py or cifar-100-python (never downloaded)")
@@ -120,9 +121,11 @@ def get_args(argv=None):
     m.add_argument("--probe-standardize", action="store_true", help="[deviation] standardise probe features with "
                    "training statistics (keeps lr 0.3 sound for small backbones; --tiny)")
     args = p.parse_args(argv)
+    given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
+             if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
     preset = {**TINY, **(TINY_DATA if args.data != "synthetic" else {})} if args.tiny else {}
     for k, v in preset.items():
-        if getattr(args, k) == p.get_default(k):  # tiny values only where the user kept the default
+        if k not in given:
             setattr(args, k, v)
     return args
 

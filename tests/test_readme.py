@@ -49,3 +49,13 @@ def test_readme_launch_line_passes_the_configuration_checks(script, argv, world)
     module = importlib.import_module(script[:-3])
     args = module.get_args(argv)
     module.check_args(args, world)  # a SystemExit here is a launch line that exits at start
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(ROOT) if f.endswith(".py") and f != "common.py"))
+def test_a_flag_given_with_tiny_wins_over_the_preset(script):
+    """`--tiny --lr X` trains at X even when X is the paper's default (a preset must not read a given flag as
+    absent because it equals the default)."""
+    module = importlib.import_module(script[:-3])
+    paper = module.get_args([])
+    assert module.get_args(["--tiny", "--lr", str(paper.lr)]).lr == paper.lr
+    assert module.get_args(["--tiny", f"--epochs={paper.epochs}"]).epochs == paper.epochs
