@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import ImageFilter
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -189,9 +190,7 @@ def load_datasets(args):
     return train, val, len(train.classes), 224
 
 
-def _to_float():
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            v2.ToPureTensor()]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class TwoViews(torch.utils.data.Dataset):
@@ -212,9 +211,12 @@ class TwoViews(torch.utils.data.Dataset):
 
 
 def to_device(x, device):
-    """A batch onto the device (channels_last for the CNNs on CUDA), without blocking the host."""
+    """uint8 images (B, 3, H, W) -> normalised float on the device (channels_last for the CNNs on CUDA), without
+    blocking the host: the workers hand over 4x fewer bytes than float crops."""
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
+    x = x.to(device, non_blocking=True, memory_format=fmt).float().div_(255)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x - mean) / std
 
 
 # --- Model ---
@@ -265,13 +267,29 @@ class SimCLR(nn.Module):
 # --- Method ---
 def simclr_transform(size):
     """SimCLR's augmentations (Chen et al. 2020, App. A): crop 0.08-1, flip, colour jitter (strength 1; 0.5 for
-    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it)."""
+    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it).
+    PIL images (real data) stay PIL through every op, the fastest path; the result is a uint8 tensor."""
     s = 1.0 if size > 64 else 0.5
-    blur = [v2.RandomApply([v2.GaussianBlur(size // 20 * 2 + 1, (0.1, 2.0))], p=0.5)] if size > 64 else []
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
-                       v2.RandomHorizontalFlip(),
+    blur = [RandomGaussianBlur(size // 20 * 2 + 1)] if size > 64 else []
+    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-                       v2.RandomGrayscale(p=0.2), *blur, *_to_float()])
+                       v2.RandomGrayscale(p=0.2), *blur, v2.PILToTensor()])  # uint8 out; tensors pass through
+
+
+class RandomGaussianBlur:
+    """With p 0.5, a Gaussian blur of sigma U(0.1, 2): PIL's GaussianBlur (radius = sigma, the kernel is not
+    truncated; SimCLR's kernel of 10% of the image covers more than 5 sigma) on PIL images, torchvision's on tensors."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, img):
+        if torch.rand(()) >= 0.5:
+            return img
+        sigma = float(torch.empty(()).uniform_(0.1, 2.0))
+        if isinstance(img, torch.Tensor):
+            return v2.functional.gaussian_blur(img, [self.kernel] * 2, [sigma])
+        return img.filter(ImageFilter.GaussianBlur(sigma))
 
 
 def _contrastive_loss(z1, z2, temperature, weight_fn=None, keep_positive=False, gather=False):
@@ -362,7 +380,7 @@ class LARS(torch.optim.Optimizer):
 def eval_transform(size):
     resize = [v2.Resize(round(size / 0.875), antialias=True), v2.CenterCrop(size)] if size > 64 else [
         v2.Resize(size, antialias=True)]
-    return v2.Compose([v2.ToImage(), *resize, *_to_float()])
+    return v2.Compose([*resize, v2.ToImage(), v2.ToPureTensor()])  # PIL ops on PIL images
 
 
 class Labelled(torch.utils.data.Dataset):
@@ -380,59 +398,92 @@ class Labelled(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, device, amp):
-    """Frozen features (N, F) and labels (N,), in eval mode (BatchNorm statistics untouched)."""
+def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0, gather=True):
+    """Frozen features and labels, in eval mode (BatchNorm statistics untouched). Every process embeds a contiguous
+    shard (the last index repeated to equal sizes); gather=True returns the whole set (N, F), (N,) on every
+    process, gather=False this process's rows [rank * ceil(N / world), ...): memory per process is its shard."""
     was_training = backbone.training
     backbone.eval()
+    rank, world, n = common.get_rank(), common.get_world_size(), len(dataset)
+    per = math.ceil(n / world)
+    shard = torch.utils.data.Subset(dataset, [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)])
     feats, labels = [], []
-    for x, y in loader:
+    for x, y in torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                            pin_memory=device.type == "cuda"):
         with common.autocast(device, amp):
             feats.append(backbone(to_device(x, device)).float())
         labels.append(y.to(device))
     backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if not gather:
+        own = max(0, min(per, n - rank * per))  # the repeated last index belongs to the last shard only
+        return feats[:own], labels[:own]
+    return common.concat_all_gather(feats)[:n], common.concat_all_gather(labels)[:n]
 
 
 @torch.no_grad()
 def knn_predict(feats, bank, bank_labels, classes, k=200, t=0.1):
     """Weighted kNN (Wu et al. 2018, as in lightly's benchmarks): the k most cosine-similar memory features vote for
-    their label with weight exp(sim / t). feats (B, F), bank (M, F), both L2-normalised -> (B,) predictions."""
-    preds = []
+    their label with weight exp(sim / t). feats (B, F) the same on every process, bank (M, F) this process's shard
+    of the memory bank, both L2-normalised -> (B,) predictions. Each process takes the top k of its shard; the
+    top k of the gathered candidates (world x k per query) are the global top k."""
+    world, preds = common.get_world_size(), []
+    k = min(k, int(common.all_reduce_sum(torch.tensor(bank.shape[0], device=feats.device))))
     for chunk in feats.split(1024):
-        sim, idx = (chunk @ bank.T).topk(min(k, bank.shape[0]), dim=1)  # (b, k)
+        sim = torch.full((len(chunk), k), -float("inf"), device=feats.device)  # a shard with fewer than k rows
+        lab = torch.zeros(len(chunk), k, dtype=torch.long, device=feats.device)  # pads with weight exp(-inf) = 0
+        local = (chunk @ bank.T).topk(min(k, bank.shape[0]), dim=1)  # (b, <=k)
+        sim[:, :local.values.shape[1]], lab[:, :local.values.shape[1]] = local.values, bank_labels[local.indices]
+        if world > 1:  # (world * b, k) -> (b, world * k) candidates
+            sim, lab = (common.concat_all_gather(x).view(world, len(chunk), k).transpose(0, 1).flatten(1)
+                        for x in (sim, lab))
+        sim, top = sim.topk(k, dim=1)
         votes = torch.zeros(chunk.shape[0], classes, device=feats.device)
-        preds.append(votes.scatter_add_(1, bank_labels[idx], (sim / t).exp()).argmax(1))
+        preds.append(votes.scatter_add_(1, lab.gather(1, top), (sim / t).exp()).argmax(1))
     return torch.cat(preds)
 
 
 def linear_probe(train_f, train_y, val_f, val_y, classes, epochs, lr, batch_size=256):
     """A linear classifier on frozen, standardised features (SGD, momentum 0.9, cosine); val top-1 in %. Features are
     cached once, without augmentation [inferred: SimCLR's probe trains 90 epochs on augmented crops; this takes
-    seconds]."""
-    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    seconds]. train_f, train_y: this process's shard, rows [rank * ceil(N / world), ...); the probe is data-parallel:
+    every process walks the same batches of the whole set, takes the rows it holds, and the gradient is the mean
+    over each whole batch, as one process computes it."""
+    n = int(common.all_reduce_sum(torch.tensor(len(train_f), device=val_f.device)))
+    first = common.get_rank() * math.ceil(n / common.get_world_size())
+    f64 = train_f.double()  # mean and (unbiased) std of the whole set, from sums over the shards
+    s = common.all_reduce_sum(torch.stack([f64.sum(0), (f64 ** 2).sum(0)]))
+    mean = s[0] / n
+    std = ((s[1] - n * mean ** 2) / (n - 1)).clamp_min(0).sqrt().float() + 1e-6
+    mean = mean.float()
     with common.seeded(0):  # the same probe for the same features, whatever the training consumed
-        clf = nn.Linear(train_f.shape[1], classes).to(train_f.device)
+        clf = nn.Linear(val_f.shape[1], classes).to(val_f.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
-    steps = epochs * math.ceil(len(train_f) / batch_size)
+    steps = epochs * math.ceil(n / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(0)
     with torch.enable_grad():
         for _ in range(epochs):
-            for idx in torch.randperm(len(train_f), generator=g).split(batch_size):
-                idx = idx.to(train_f.device)
-                loss = F.cross_entropy(clf((train_f[idx] - mean) / std), train_y[idx])
+            for idx in torch.randperm(n, generator=g).split(batch_size):
+                own = idx.to(val_f.device) - first
+                own = own[(own >= 0) & (own < len(train_f))]
+                loss = F.cross_entropy(clf((train_f[own] - mean) / std), train_y[own], reduction="sum") / len(idx)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for p in clf.parameters():
+                    common.all_reduce_sum(p.grad)
                 opt.step()
                 sched.step()
     with torch.no_grad():
         return 100.0 * (clf((val_f - mean) / std).argmax(1) == val_y).float().mean().item()
 
 
-def evaluate(backbone, memory_loader, val_loader, classes, args, device, amp):
-    """Linear probe top-1 (the paper's headline) and weighted kNN top-1, both in %, on the frozen backbone."""
-    train_f, train_y = extract_features(backbone, memory_loader, device, amp)
-    val_f, val_y = extract_features(backbone, val_loader, device, amp)
+def evaluate(backbone, memory_set, val_set, classes, args, device, amp):
+    """Linear probe top-1 (the paper's headline) and weighted kNN top-1, both in %, on the frozen backbone. Every
+    process embeds a shard; the memory bank stays sharded, the (smaller) val set is gathered."""
+    kw = dict(batch_size=max(args.batch_size, 256), workers=args.workers)
+    train_f, train_y = extract_features(backbone, memory_set, device, amp, gather=False, **kw)
+    val_f, val_y = extract_features(backbone, val_set, device, amp, **kw)
     pred = knn_predict(F.normalize(val_f, dim=1), F.normalize(train_f, dim=1), train_y, classes, args.knn_k, args.knn_t)
     return {"linear_top1": linear_probe(train_f, train_y, val_f, val_y, classes, args.probe_epochs, args.probe_lr),
             "knn_top1": 100.0 * (pred == val_y).float().mean().item()}
@@ -481,10 +532,8 @@ def main(argv=None):
     # after the models: a resumed run restores this rank's RNG state over the initialisation's draws
     state = common.load_checkpoint(ckpt_path, "dcl", resume=not args.eval_only)
 
-    eval_kw = dict(batch_size=max(args.batch_size, 256), num_workers=args.workers, pin_memory=device.type == "cuda")
-    memory_loader = torch.utils.data.DataLoader(Labelled(train_set, eval_transform(size)), **eval_kw)
-    val_loader = torch.utils.data.DataLoader(Labelled(val_set, eval_transform(size)), **eval_kw)
-    eval_data = (memory_loader, val_loader, classes, args, device, amp)
+    eval_data = (Labelled(train_set, eval_transform(size)), Labelled(val_set, eval_transform(size)), classes, args,
+                 device, amp)
     step, init_metrics = 0, {}
     if state is not None:
         common.restore(state, ckpt_path, model=model)
@@ -492,7 +541,7 @@ def main(argv=None):
             common.restore(state, ckpt_path, optimizer=optimizer, scaler=scaler)
         step, init_metrics = state["step"], state["metrics_init"]
         common.print0(f"loaded {ckpt_path} (step {step})")
-    elif args.tiny and rank == 0:  # the random-initialisation baseline, printed beside the trained numbers
+    elif args.tiny:  # the random-initialisation baseline, printed beside the trained numbers
         init_metrics = evaluate(model.backbone, *eval_data)
 
     loader = torch.utils.data.DataLoader(TwoViews(train_set, simclr_transform(size)), batch_size=args.batch_size,
@@ -545,9 +594,9 @@ def main(argv=None):
         save()  # at every epoch end and when --max-steps stops the run
     bar.close()
 
-    if rank == 0:  # evaluation has no collectives; the other ranks just finish
-        metrics = evaluate(model.backbone, *eval_data)
-        metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+    metrics = evaluate(model.backbone, *eval_data)  # every process embeds its shard
+    metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+    if rank == 0:
         common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
         common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
         print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)

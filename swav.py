@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import ImageFilter
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -408,16 +409,30 @@ class MultiCrop:
 def multicrop_transform(size_crops=(224, 96), nmb_crops=(2, 6), min_scale=(0.14, 0.05), max_scale=(1.0, 0.14)):
     """Sec. 3.2 multi-crop, as the official MultiCropDataset: per crop RandomResizedCrop, flip, colour jitter
     (0.8, 0.8, 0.8, 0.2) w.p. 0.8, grayscale w.p. 0.2, Gaussian blur sigma U(0.1, 2) w.p. 0.5 (PIL radius = sigma)
-    on crops above 64 px only [inferred: the radius is in pixels, and it erases 32-px images].
+    on crops above 64 px only [inferred: the radius is in pixels, and it erases 32-px images]. PIL images (real
+    data) stay PIL through every op, as official and faster than tensor ops; built-in tensors take torchvision's.
     image -> list of sum(nmb_crops) uint8 tensors, large crops first (the device normalises them)."""
     crops = []
     for size, n, lo, hi in zip(size_crops, nmb_crops, min_scale, max_scale):
-        blur = [v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5)] if size > 64 else []
-        t = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True),
-                        v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-                        v2.RandomGrayscale(p=0.2), *blur, v2.ToPureTensor()])
+        blur = [RandomGaussianBlur()] if size > 64 else []
+        t = v2.Compose([v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True), v2.RandomHorizontalFlip(),
+                        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), v2.RandomGrayscale(p=0.2),
+                        *blur, v2.PILToTensor()])  # uint8 out; tensors pass through
         crops += [t] * n
     return MultiCrop(crops)
+
+
+class RandomGaussianBlur:
+    """The official PILRandomGaussianBlur: with p 0.5, PIL's GaussianBlur of radius U(0.1, 2) (PIL's radius is the
+    Gaussian's sigma); on tensors torchvision's blur with that sigma (kernel 13 covers 3 sigma)."""
+
+    def __call__(self, img):
+        if torch.rand(()) >= 0.5:
+            return img
+        sigma = float(torch.empty(()).uniform_(0.1, 2.0))
+        if isinstance(img, torch.Tensor):
+            return v2.functional.gaussian_blur(img, [13, 13], [sigma])
+        return img.filter(ImageFilter.GaussianBlur(sigma))
 
 
 def lr_schedule(base_lr, final_lr, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
@@ -466,12 +481,12 @@ def eval_transform(size, resize):
     """eval_linear.py's test transform: Resize(256) + CenterCrop(224), scaled to `size`; small images resized only."""
     crop = [v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)] if resize else [
         v2.Resize(size, antialias=True)]
-    return v2.Compose([v2.ToImage(), *crop, v2.ToPureTensor()])
+    return v2.Compose([*crop, v2.ToImage(), v2.ToPureTensor()])  # PIL ops on PIL images
 
 
 def probe_train_transform(size):
     """eval_linear.py's train transform: RandomResizedCrop(224) (scale 0.08-1) + flip, at `size`."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(), v2.ToImage(),
                        v2.ToPureTensor()])
 
 
@@ -490,9 +505,10 @@ class Labelled(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0):
-    """Frozen features (N, F) and labels (N,) in eval mode (BatchNorm statistics untouched). Every process embeds a
-    contiguous shard (the last index repeated to equal sizes), then all processes gather the whole set."""
+def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0, gather=True):
+    """Frozen features and labels in eval mode (BatchNorm statistics untouched). Every process embeds a contiguous
+    shard (the last index repeated to equal sizes); gather=True returns the whole set (N, F), (N,) on every process,
+    gather=False only this process's rows [rank * ceil(N / world), ...): memory per process is its shard."""
     rank, world, n = common.get_rank(), common.get_world_size(), len(dataset)
     per = math.ceil(n / world)
     shard = torch.utils.data.Subset(dataset, [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)])
@@ -503,18 +519,32 @@ def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0):
         with common.autocast(device, amp):
             feats.append(backbone(to_input(x, device)).float())
         labels.append(y.to(device))
-    return common.concat_all_gather(torch.cat(feats))[:n], common.concat_all_gather(torch.cat(labels))[:n]
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if not gather:
+        own = max(0, min(per, n - rank * per))  # the repeated last index belongs to the last shard only
+        return feats[:own], labels[:own]
+    return common.concat_all_gather(feats)[:n], common.concat_all_gather(labels)[:n]
 
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, val_f, val_y, n_classes, k=200, t=0.1):
     """Weighted kNN (Wu et al. 2018; lightly's benchmarks): the k most cosine-similar training features vote for
-    their label with weight exp(sim / t). Top-1 in %."""
+    their label with weight exp(sim / t). Top-1 in %. train_f, train_y: this process's shard of the training set;
+    val_f, val_y: the whole val set on every process. Each process takes the top k of its shard, and the top k
+    of the gathered candidates (world x k per query) are the global top k."""
     train_f, val_f = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
-    correct = 0
+    correct, world, k = 0, common.get_world_size(), min(k, int(common.all_reduce_sum(
+        torch.tensor(len(train_f), device=val_f.device))))
     for f, y in zip(val_f.split(1024), val_y.split(1024)):
-        sim, idx = (f @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, k)
-        votes = torch.zeros(len(f), n_classes, device=f.device).scatter_add_(1, train_y[idx], (sim / t).exp())
+        sim = torch.full((len(f), k), -float("inf"), device=f.device)  # a shard with fewer than k rows pads
+        lab = torch.zeros(len(f), k, dtype=torch.long, device=f.device)  # with weight exp(-inf) = 0
+        local = (f @ train_f.T).topk(min(k, len(train_f)), dim=1)  # (b, <=k)
+        sim[:, :local.values.shape[1]], lab[:, :local.values.shape[1]] = local.values, train_y[local.indices]
+        if world > 1:  # (world * b, k) -> (b, world * k) candidates
+            sim, lab = (common.concat_all_gather(x).view(world, len(f), k).transpose(0, 1).flatten(1)
+                        for x in (sim, lab))
+        sim, top = sim.topk(k, dim=1)
+        votes = torch.zeros(len(f), n_classes, device=f.device).scatter_add_(1, lab.gather(1, top), (sim / t).exp())
         correct += (votes.argmax(1) == y).sum().item()
     return 100.0 * correct / len(val_y)
 
@@ -522,9 +552,10 @@ def knn_accuracy(train_f, train_y, val_f, val_y, n_classes, k=200, t=0.1):
 def linear_probe(batches, val_f, val_y, n_classes, epochs=100, lr=0.3, standardize=None):
     """eval_linear.py on frozen features: Linear (init N(0, 0.01), bias 0) trained by SGD (momentum 0.9, wd 1e-6,
     no Nesterov), lr cosine-annealed per epoch to 0, tested on val_f after every epoch. batches(epoch) yields this
-    process's (features, labels); gradients are averaged over processes, as DDP. standardize: (mean, std) applied to
-    all features, or None (official). Returns (best top-1 over the epochs, which eval_linear.py reports, last), in %."""
-    world = common.get_world_size()
+    process's (features, labels), parts of one global batch (sizes may differ); the loss is the mean over the
+    global batch, as one process would take it (DDP's average when the parts are equal). standardize: (mean, std)
+    applied to all features, or None (official). Returns (best top-1 over the epochs, which eval_linear.py reports,
+    last), in %."""
     mean, std = standardize or (0.0, 1.0)
     clf = nn.Linear(val_f.shape[1], n_classes).to(val_f.device)
     g = torch.Generator().manual_seed(0)  # own RNG: the probe does not move the training RNG
@@ -535,11 +566,12 @@ def linear_probe(batches, val_f, val_y, n_classes, epochs=100, lr=0.3, standardi
     best = acc = 0.0
     for epoch in range(epochs):
         for f, y in batches(epoch):
-            loss = F.cross_entropy(clf((f - mean) / std), y)
+            n = common.all_reduce_sum(torch.tensor(float(len(y)), device=f.device))  # the global batch
+            loss = F.cross_entropy(clf((f - mean) / std), y, reduction="sum") / n
             opt.zero_grad(set_to_none=True)
             loss.backward()
             for p in clf.parameters():
-                common.all_reduce_sum(p.grad).div_(world)
+                common.all_reduce_sum(p.grad)
             opt.step()
         sched.step()
         with torch.no_grad():
@@ -557,26 +589,36 @@ def evaluate(backbone, train_set, val_set, n_classes, resize, args, device, amp)
     backbone.eval()
     size, world = args.size_crops[0], common.get_world_size()
     train_f, train_y = extract_features(backbone, Labelled(train_set, eval_transform(size, resize)), device, amp,
-                                        workers=args.workers)
+                                        workers=args.workers, gather=False)  # this process's shard
     val_f, val_y = extract_features(backbone, Labelled(val_set, eval_transform(size, resize)), device, amp,
                                     workers=args.workers)
     sampler = common.ResumableSampler(len(train_set), max(1, min(256, len(train_set)) // world), seed=0)
     loader = torch.utils.data.DataLoader(Seeded(train_set, probe_train_transform(size)), batch_size=sampler.batch_size,
                                          sampler=sampler, num_workers=args.workers, generator=torch.Generator(),
                                          pin_memory=device.type == "cuda")
+    one_process = common.ResumableSampler(len(train_set), sampler.batch_size * world, seed=0, rank=0, world_size=1)
 
     def batches(epoch):
-        sampler.set_epoch(epoch)
-        if args.probe_fixed_features:
-            idx = torch.tensor([i for i, _ in sampler], device=device)
-            yield from zip(train_f[idx].split(sampler.batch_size), train_y[idx].split(sampler.batch_size))
+        sampler.set_epoch(epoch), one_process.set_epoch(epoch)
+        if args.probe_fixed_features:  # each global batch of the one-process order, from the rows of this shard
+            first = common.get_rank() * math.ceil(len(train_set) / world)
+            order = torch.tensor([i for i, _ in one_process], device=device).view(-1, sampler.batch_size * world)
+            for idx in order - first:
+                idx = idx[(idx >= 0) & (idx < len(train_f))]
+                yield train_f[idx], train_y[idx]
             return
         for x, y in loader:
             with torch.no_grad(), common.autocast(device, amp):
                 f = backbone(to_input(x, device)).float()
             yield f, y.to(device)
 
-    stats = (train_f.mean(0), train_f.std(0) + 1e-6) if args.probe_standardize else None
+    stats = None
+    if args.probe_standardize:  # over the whole training set: sums over the shards
+        f64 = train_f.double()
+        s = common.all_reduce_sum(torch.stack([torch.full_like(val_f[0], len(f64), dtype=torch.float64),
+                                               f64.sum(0), (f64 ** 2).sum(0)]))
+        var = (s[2] - s[1] ** 2 / s[0]) / (s[0] - 1)  # unbiased, as torch.std
+        stats = ((s[1] / s[0]).float(), var.clamp_min(0).sqrt().float() + 1e-6)
     best, last = linear_probe(batches, val_f, val_y, n_classes, args.probe_epochs, args.probe_lr, stats)
     backbone.train(was_training)
     return {"linear_top1": best, "knn_top1": knn_accuracy(train_f, train_y, val_f, val_y, n_classes, args.knn_k,

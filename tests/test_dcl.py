@@ -186,6 +186,18 @@ def test_two_processes_give_the_one_process_gradients():
                 f"{k}: |step diff| {(got - want).norm():.3g} vs |step| {want.norm():.3g} (ratio {ratio:.3f})"
 
 
+def test_views_leave_the_worker_as_uint8_and_are_normalised_on_the_device():
+    """Real (PIL) images stay PIL through SimCLR's ops and leave as uint8 (4x fewer bytes than float views);
+    to_device normalises with the ImageNet statistics."""
+    from torchvision.transforms.functional import to_pil_image
+    view = dcl.simclr_transform(224)(to_pil_image(torch.rand(3, 375, 500)))
+    assert view.shape == (3, 224, 224) and view.dtype == torch.uint8
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    want = (torch.tensor([0.0, 1.0]).view(1, 1, 1, 2) - torch.tensor(dcl.MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(dcl.STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(dcl.to_device(x, torch.device("cpu")), want)
+
+
 def test_lars_step_matches_formula():
     torch.manual_seed(0)
     w, b = torch.randn(4, 3, requires_grad=True), torch.randn(4, requires_grad=True)
@@ -210,10 +222,10 @@ def test_knn_probe_and_backbone_untouched():
     # evaluate() on a BatchNorm model in train mode: no parameter or running statistic changes, mode restored
     model = dcl.SimCLR("cnn", 32, 16)
     data = dcl.SyntheticShapes(40, seed=3)
-    loader = torch.utils.data.DataLoader(dcl.Labelled(data, dcl.eval_transform(32)), batch_size=16)
+    labelled = dcl.Labelled(data, dcl.eval_transform(32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = dcl.get_args(["--knn-k", "5", "--probe-epochs", "2"])
-    metrics = dcl.evaluate(model.backbone, loader, loader, 10, args, torch.device("cpu"), "none")
+    metrics = dcl.evaluate(model.backbone, labelled, labelled, 10, args, torch.device("cpu"), "none")
     assert set(metrics) == {"linear_top1", "knn_top1"} and model.training
     assert_tensors_close(before, model.state_dict())
 
@@ -374,3 +386,45 @@ def test_bad_checkpoints_and_nan_keep_the_checkpoint(tmp_path, one_process_dir):
     other.mkdir()
     torch.save({"method": "swav"}, other / "checkpoint.pt")
     _fails("--tiny", "--output-dir", str(other), match="not 'dcl'")
+
+
+def _dcl_eval_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_dcl_sharded_eval(), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _dcl_sharded_eval():
+    """evaluate() on a fixed random backbone, its probe's classifier recorded, and this process's feature shard."""
+    torch.manual_seed(0)
+    backbone = dcl.SimCLR("cnn", 32, 16).backbone
+    train, val = (dcl.Labelled(dcl.SyntheticShapes(n, seed=s), dcl.eval_transform(32)) for n, s in ((101, 0), (40, 1)))
+    shard = dcl.extract_features(backbone, train, torch.device("cpu"), "none", gather=False)[0]
+    made, linear = [], torch.nn.Linear
+
+    class Recorded(linear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    torch.nn.Linear = Recorded
+    try:
+        args = dcl.get_args(["--knn-k", "20", "--probe-epochs", "3", "--batch-size", "32", "--workers", "0"])
+        metrics = dcl.evaluate(backbone, train, val, 10, args, torch.device("cpu"), "none")
+    finally:
+        torch.nn.Linear = linear
+    return {"rows": len(shard), "probe": made[-1].weight.detach().clone(), **metrics}
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each process keeps only its shard of the memory-bank features (half the rows with two), the kNN top k merged
+    across processes and the data-parallel probe give what one process gives (probe weights compared: a gradient
+    off by a constant factor fails)."""
+    mp.spawn(_dcl_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/{r}.pt") for r in range(2)]
+    one = _dcl_sharded_eval()
+    assert one["rows"] == 101 and [t["rows"] for t in two] == [51, 50]
+    for t in two:
+        assert t["knn_top1"] == one["knn_top1"] and t["linear_top1"] == one["linear_top1"]
+        err = (t["probe"] - one["probe"]).norm() / one["probe"].norm()
+        assert err < 1e-4, f"probe weights differ by {err:.2e} of their norm"

@@ -156,6 +156,25 @@ def test_lars_one_step_matches_the_larc_formula():
     assert torch.allclose(zero.detach(), T([-2.0, 2.0]))
 
 
+def test_blur_is_the_official_pil_blur_and_real_images_stay_pil():
+    """PILRandomGaussianBlur: p 0.5, PIL radius (= sigma) U(0.1, 2); PIL images go through PIL ops only and leave
+    the worker as uint8 tensors, large crops first."""
+    from PIL import Image, ImageFilter
+    calls, orig = [], ImageFilter.GaussianBlur
+    ImageFilter.GaussianBlur = lambda r: calls.append(r) or orig(r)
+    try:
+        img, blur = Image.new("RGB", (40, 30), (90, 20, 200)), swav.RandomGaussianBlur()
+        with common.seeded(0):
+            outs = [blur(img) for _ in range(2000)]
+    finally:
+        ImageFilter.GaussianBlur = orig
+    assert abs(len(calls) / 2000 - 0.5) < 0.03 and 0.1 <= min(calls) < 0.15 and 1.95 < max(calls) <= 2.0
+    assert all(isinstance(o, Image.Image) for o in outs)
+    photo = to_pil_image(torch.rand(3, 375, 500))
+    crops = swav.multicrop_transform()(photo)
+    assert [c.shape for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6 and all(c.dtype == torch.uint8 for c in crops)
+
+
 def test_multicrop_is_seeded_and_shaped():
     image = swav.SyntheticTextures(1, seed=0)[0][0]
     t = swav.multicrop_transform((32, 16), (2, 3), (0.14, 0.05), (1.0, 0.14))
@@ -379,3 +398,52 @@ def test_bad_input(tmp_path, image_folder):
     p = run_script("swav.py", *good, "--max-steps", "4", "--lr", "1e38", check=False)  # real exit code
     assert p.returncode != 0 and ("error: loss is nan" in p.stdout or "not finite" in p.stdout), p.stdout[-2000:]
     assert ckpt.read_bytes() == saved
+
+
+def _eval_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_sharded_eval(), f"{out}/{rank}.pt")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _sharded_eval():
+    """evaluate() on a fixed random backbone: this process's training-feature shard, kNN and the probe."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, 4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten())
+    train, val = swav.SyntheticTextures(301, seed=0), swav.SyntheticTextures(40, seed=1)  # shards of 151 + 150
+    shard = swav.extract_features(backbone, swav.Labelled(train, swav.eval_transform(32, False)), torch.device("cpu"),
+                                  "none", gather=False)[0]
+    args = argparse.Namespace(workers=0, probe_epochs=4, probe_lr=0.3, knn_k=20, knn_t=0.1, size_crops=[32],
+                              probe_fixed_features=True, probe_standardize=True)
+    made, linear = [], torch.nn.Linear
+
+    class Recorded(linear):  # the probe's classifier, to compare its weights
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+    torch.nn.Linear = Recorded
+    try:
+        metrics = swav.evaluate(backbone, train, val, 10, False, args, torch.device("cpu"), "none")
+    finally:
+        torch.nn.Linear = linear
+    return {"rows": len(shard), "probe": made[-1].weight.detach().clone(), **metrics}
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each process keeps only its shard of the training features (half the rows with two), the kNN top k merged
+    across processes and the data-parallel probe (each global batch of the one-process order, the mean over it)
+    give what one process gives."""
+    import torch.multiprocessing as mp
+    mp.spawn(_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/{r}.pt") for r in range(2)]
+    one = _sharded_eval()
+    assert one["rows"] == 301 and [t["rows"] for t in two] == [151, 150]  # global batch 256 = 2 x 128 either way
+    for t in two:
+        err = (t["probe"] - one["probe"]).norm() / one["probe"].norm()
+        assert t["knn_top1"] == one["knn_top1"] and t["linear_top1"] == one["linear_top1"]
+        assert err < 1e-4, f"probe weights differ by {err:.2e} of their norm"  # a gradient scale error fails
