@@ -224,7 +224,7 @@ def test_knn_probe_and_backbone_untouched():
     data = dcl.SyntheticShapes(40, seed=3)
     labelled = dcl.Labelled(data, dcl.eval_transform(32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    args = dcl.get_args(["--knn-k", "5", "--probe-epochs", "2"])
+    args = dcl.get_args(["--knn-k", "5", "--probe-epochs", "2", "--workers", "0"])
     metrics = dcl.evaluate(model.backbone, labelled, labelled, 10, args, torch.device("cpu"), "none")
     assert set(metrics) == {"linear_top1", "knn_top1"} and model.training
     assert_tensors_close(before, model.state_dict())

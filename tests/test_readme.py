@@ -24,6 +24,8 @@ def launch_lines():
             if not words or not scripts or words[0] not in ("python", "python3", "torchrun", ".venv/bin/python"):
                 continue
             i = scripts[0]
+            if os.path.dirname(words[i]):  # a method file is launched from the root (not tests/bench.py)
+                continue
             launcher = " ".join(words[:i])
             world = 1
             if words[0] == "torchrun":
