@@ -167,66 +167,66 @@ def synthetic_prompts():
     return {c: sorted({REPORT[c].rstrip(".").format(size=s, side=d, zone=z) for s, d, z in combos}) for c in CLASSES}
 
 
-def ellipse(xx, yy, cx, cy, rx, ry):
-    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
-
-
-def blob(xx, yy, cx, cy, s):
-    return torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
-
-
 def draw_case(findings, i, size):
-    """A grey 'chest x-ray' (1, S, S) in [0, 1]: body, dark lungs, heart, then the findings at their places.
+    """A grey 'chest x-ray', a PIL image S x S: body, dark lungs, heart, then the findings at their places.
     Findings are small local patterns, while exposure, patient position, heart size and background texture vary
     from image to image, so that a random network's features separate them poorly (the probe measures what
-    pre-training learnt: probe AUC 0.72 at init, 0.91 after --tiny)."""
+    pre-training learnt: probe AUC 0.70 at init, 0.91 after --tiny)."""
     g = torch.Generator().manual_seed(i)
     r = torch.rand(5, generator=g).tolist()
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     xx, yy = xx - 0.08 * (r[0] - 0.5), yy - 0.08 * (r[1] - 0.5)  # patient position
     smooth = F.interpolate(torch.rand(2, 1, 5, 5, generator=g), size=(size, size), mode="bilinear")[:, 0]
-    img = 0.5 + 0.15 * smooth[0]
-    lungs = {side: ellipse(xx, yy, x, 0.48, 0.16, 0.3) for side, x in LUNG_X.items()}
-    for lung in lungs.values():
-        img = torch.where(lung, 0.2 + 0.15 * smooth[1], img)
+    ellipse = lambda cx, cy, rx, ry: ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1  # noqa: E731
+    blob = lambda cx, cy, s: torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))  # noqa: E731
+    lungs = {side: ellipse(x, 0.48, 0.16, 0.3) for side, x in LUNG_X.items()}
+    img = torch.where(lungs["left"] | lungs["right"], 0.2 + 0.15 * smooth[1], 0.5 + 0.15 * smooth[0])
     big = any(f["cls"] == "cardiomegaly" for f in findings)
     heart = (0.15 if big else 0.11) + 0.03 * r[2]  # normal hearts vary; enlarged ones are larger than all of them
-    img = torch.where(ellipse(xx, yy, 0.56, 0.68, heart, 0.7 * heart), 0.6 + 0.2 * smooth[0], img)
+    img = torch.where(ellipse(0.56, 0.68, heart, 0.7 * heart), 0.6 + 0.2 * smooth[0], img)
     for f in findings:
         x, y, lung = LUNG_X[f["side"]] + f["dx"], ZONE_Y[f["zone"]] + f["dy"], lungs[f["side"]]
         if f["cls"] == "opacity":
-            img = img + 0.4 * blob(xx, yy, x, y, 0.07 if f["size"] == "large" else 0.045)
+            img = img + 0.4 * blob(x, y, 0.07 if f["size"] == "large" else 0.045)
         elif f["cls"] == "nodule":
-            img = img + 0.6 * blob(xx, yy, x, y, 0.03)
+            img = img + 0.6 * blob(x, y, 0.03)
         elif f["cls"] == "effusion":
             img = torch.where(lung & (yy > (0.62 if f["size"] == "large" else 0.7)), img + 0.4, img)
         elif f["cls"] == "pneumothorax":
             img = torch.where(lung & (yy < 0.36), 0.6 * img, img)
     img = (0.9 + 0.2 * r[3]) * img + 0.08 * (r[4] - 0.5)  # exposure: gain and offset
-    return (img + 0.04 * torch.randn(size, size, generator=g)).clamp(0, 1)[None]
+    img = (img + 0.04 * torch.randn(size, size, generator=g)).clamp(0, 1)
+    return v2.functional.to_pil_image((img * 255).round().to(torch.uint8))  # mode L, as a real grey image
 
 
 def augment(img, seed):
-    """Mild geometry and exposure jitter [inferred]; never a flip, since reports name the side. Drawn from a private
-    generator seeded by the sampler's (seed, epoch, index) seed: exact resume and the same global batch on any number
-    of processes, without touching (or paying to fork) the global RNG."""
-    rng, size = random.Random(seed), img.shape[-1]
+    """Mild geometry and exposure jitter [inferred]; never a flip, since reports name the side. PIL ops on the grey
+    image (cheaper than on float tensors), from a private generator seeded by the sampler's (seed, epoch, index)
+    seed: exact resume and the same global batch on any number of processes; the global RNG is left untouched."""
+    rng, size = random.Random(seed), img.width
     img = v2.functional.affine(img, angle=rng.uniform(-5, 5), scale=rng.uniform(0.95, 1.05), shear=[0.0, 0.0],
                                translate=[round(rng.uniform(-0.04, 0.04) * size) for _ in range(2)])
     img = v2.functional.adjust_brightness(img, rng.uniform(0.8, 1.2))
     return v2.functional.adjust_contrast(img, rng.uniform(0.8, 1.2))
 
 
+def load_grey(path, size):
+    """An image file -> grey S x S PIL image, decoded once and straight to grey (libjpeg's own conversion), then an
+    antialiased bilinear resize of the uint8 tensor."""
+    img = torchvision.io.decode_image(torchvision.io.read_file(path), mode=torchvision.io.ImageReadMode.GRAY)
+    return v2.functional.to_pil_image(v2.functional.resize(img, [size, size], antialias=True))
+
+
 class Pairs(Dataset):
-    """(grey image (1, S, S) in [0, 1], report, multi-hot labels); `texts` holds the reports in index order."""
+    """(grey image (1, S, S) uint8, normalised on the device, report, multi-hot labels); `texts`: the reports."""
 
     def __len__(self):
         return len(self.texts)
 
     def __getitem__(self, key):  # the sampler's (index, sample seed), or a plain index in evaluation
         index, seed = key if isinstance(key, tuple) else (key, 0)
-        img, report, labels = self.load(index)
-        return augment(img, seed) if self.augment else img, report, labels
+        img, report, labels = self.load(index)  # a grey PIL image S x S
+        return v2.functional.pil_to_tensor(augment(img, seed) if self.augment else img), report, labels
 
 
 class SyntheticXray(Pairs):
@@ -244,7 +244,7 @@ class SyntheticXray(Pairs):
 
 
 class ReportDataset(Pairs):
-    """Real data: rows (image path, report, labels or None), images read as grey and resized to S x S."""
+    """Real data: rows (image path, report, labels or None), images read as grey S x S."""
 
     def __init__(self, rows, size, augment):
         self.rows, self.size, self.augment = rows, size, augment
@@ -252,9 +252,7 @@ class ReportDataset(Pairs):
 
     def load(self, index):
         path, caption, labels = self.rows[index]
-        img = v2.functional.pil_to_tensor(torchvision.datasets.folder.pil_loader(path).convert("L"))  # (1, H, W)
-        img = v2.functional.resize(img, [self.size, self.size], antialias=True).float() / 255
-        return img, caption, torch.tensor(labels or [], dtype=torch.float)
+        return load_grey(path, self.size), caption, torch.tensor(labels or [], dtype=torch.float)
 
 
 def read_rows(path, n_classes):
@@ -289,10 +287,9 @@ def read_rows(path, n_classes):
 def build_data(args):
     """(train, train without augmentation, test, {class: prompts}) for 'synthetic' or a data folder."""
     if args.data == "synthetic":
-        n_train, n_test = (512, 256) if args.tiny else (20000, 2000)
-        size = args.image_size
-        return (SyntheticXray(n_train, 0, size, True), SyntheticXray(n_train, 0, size, False),
-                SyntheticXray(n_test, 10 ** 6, size, False), synthetic_prompts())
+        (n, n_test), s = (512, 256) if args.tiny else (20000, 2000), args.image_size
+        return (SyntheticXray(n, 0, s, True), SyntheticXray(n, 0, s, False), SyntheticXray(n_test, 10 ** 6, s, False),
+                synthetic_prompts())
     if not os.path.isdir(args.data):
         raise SystemExit(f"error: --data {args.data} is not a folder; pass 'synthetic' or a folder with "
                          "train.jsonl|csv and test.jsonl|csv")
@@ -379,8 +376,8 @@ class MSDModel(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def image_features(self, x):
-        """(B, 1, S, S) grey in [0, 1] -> backbone features (B, F) and embeddings (B, D)."""
-        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std  # a grey x-ray into an ImageNet-style backbone
+        """(B, 1, S, S) uint8 grey, normalised here on the device -> backbone features (B, F), embeddings (B, D)."""
+        x = (x.float().div(255).expand(-1, 3, -1, -1) - self.mean) / self.std  # grey into an ImageNet backbone
         h = self.visual(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x)
         return h, F.normalize(self.vision_proj(h), dim=-1)
 
@@ -683,10 +680,8 @@ def main(argv=None):
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "checkpoint.pt")
     train_ds, train_eval, test_ds, prompts = build_data(args)
-    if args.no_pretrained:  # a word vocabulary from the training reports and prompts
-        tokenizer = WordTokenizer.build(train_ds.texts + sum(prompts.values(), []))
-    else:
-        tokenizer = from_hub(transformers.AutoTokenizer, args)
+    tokenizer = (WordTokenizer.build(train_ds.texts + sum(prompts.values(), [])) if args.no_pretrained  # words of
+                 else from_hub(transformers.AutoTokenizer, args))  # the training reports and prompts, or the hub's
     vocab = tokenizer.vocab if isinstance(tokenizer, WordTokenizer) else None
     collate = Collate(tokenizer, args.max_len)
 

@@ -1,10 +1,11 @@
 """Tests for msd.py: hand-computed worked examples, the accumulation window (A micro-batches = one batch of A*b), a --tiny
 run that learns, two processes = one process on the same global batch (gradients, and the main path), exact resume,
-the pretrained path with dropout, bf16 and compile, real-format data, bad input."""
+the pretrained path with dropout, bf16 and compile, augmentation ranges and uint8 path, real-format data, bad input."""
 import contextlib
 import functools
 import json
 import os
+import random
 import tempfile
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
 from torch._dynamo.utils import counters
+from torchvision.transforms import v2
 
 import common
 import msd
@@ -111,6 +113,60 @@ def test_word_tokenizer():
     assert out["attention_mask"].tolist() == [[1] * 6]
 
 
+def test_augmentation_ranges_are_the_recipe(monkeypatch):
+    """The drawn parameters span exactly the recipe's ranges (rotation +-5 deg, scale 0.95-1.05, shift +-4% of S,
+    brightness and contrast 0.8-1.2), no flip; uint8 out, a function of the sample seed alone."""
+    seen = {k: [] for k in ("angle", "scale", "translate", "brightness", "contrast")}
+    TF = v2.functional
+    affine, bright, contrast = TF.affine, TF.adjust_brightness, TF.adjust_contrast
+
+    def rec_affine(img, angle, translate, scale, shear, **kw):
+        seen["angle"].append(angle)
+        seen["scale"].append(scale)
+        seen["translate"] += translate
+        assert shear == [0.0, 0.0]
+        return affine(img, angle=angle, translate=translate, scale=scale, shear=shear, **kw)
+
+    monkeypatch.setattr(TF, "affine", rec_affine)
+    monkeypatch.setattr(TF, "adjust_brightness", lambda img, f: seen["brightness"].append(f) or bright(img, f))
+    monkeypatch.setattr(TF, "adjust_contrast", lambda img, f: seen["contrast"].append(f) or contrast(img, f))
+    monkeypatch.setattr(TF, "horizontal_flip", lambda *a: pytest.fail("a flip swaps left and right in reports"))
+    ds = msd.SyntheticXray(4, 0, 50, augment=True)
+    out = [ds[(i % 4, seed)][0] for i, seed in enumerate(range(400))]
+    for k, (lo, hi) in {"angle": (-5, 5), "scale": (0.95, 1.05), "translate": (-2, 2), "brightness": (0.8, 1.2),
+                        "contrast": (0.8, 1.2)}.items():
+        v = torch.tensor(seen[k], dtype=torch.float64)
+        assert lo <= v.min() < lo + 0.05 * (hi - lo) and hi - 0.05 * (hi - lo) < v.max() <= hi, (k, v.min(), v.max())
+    assert out[0].dtype == torch.uint8 and out[0].shape == (1, 50, 50)
+    assert torch.equal(ds[(0, 0)][0], out[0]) and not torch.equal(ds[(0, 4)][0], out[0])
+
+
+def test_uint8_pipeline_equals_the_float_recipe(tmp_path):
+    """The PIL/uint8 path (grey decode, resize, augmentation) gives the images of the same recipe on float tensors
+    up to rounding (a few nearest-neighbour edge pixels aside), and the model normalises uint8 as float / 255."""
+    def reference(x, seed):  # the recipe on a float (1, S, S) tensor in [0, 1]
+        rng, s = random.Random(seed), x.shape[-1]
+        x = v2.functional.affine(x, angle=rng.uniform(-5, 5), scale=rng.uniform(0.95, 1.05), shear=[0.0, 0.0],
+                                 translate=[round(rng.uniform(-0.04, 0.04) * s) for _ in range(2)])
+        return v2.functional.adjust_contrast(v2.functional.adjust_brightness(x, rng.uniform(0.8, 1.2)),
+                                             rng.uniform(0.8, 1.2))
+
+    g = torch.Generator().manual_seed(0)
+    big = F.interpolate(torch.rand(1, 3, 12, 16, generator=g), size=(375, 500), mode="bicubic").clamp(0, 1)[0]
+    v2.functional.to_pil_image(big).save(tmp_path / "x.jpg", quality=95)
+    ds = msd.ReportDataset([(str(tmp_path / "x.jpg"), "r", None)], 64, augment=True)
+    grey = v2.functional.pil_to_tensor(torchvision.datasets.folder.pil_loader(tmp_path / "x.jpg").convert("L"))
+    grey = v2.functional.resize(grey, [64, 64], antialias=True).float() / 255
+    assert (v2.functional.pil_to_tensor(ds.load(0)[0]).float() / 255 - grey).abs().mean() < 1.5 / 255
+    for seed in range(8):
+        ours = ds[(0, seed)][0].float() / 255
+        assert (ours - reference(grey, seed)).abs().mean() < 2.5 / 255, seed
+    model = msd.build_model(msd.get_args(["--tiny"]), vocab_size=30).eval()
+    x = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8)
+    want = model.visual((x.float().expand(-1, 3, -1, -1) / 255 - model.mean) / model.std)
+    torch.testing.assert_close(model.image_features(x)[0], want)
+
+
 def test_paper_size_model_builds_offline():
     args = msd.get_args(["--no-pretrained"])
     model = msd.build_model(args, vocab_size=100)
@@ -128,7 +184,7 @@ def tiny_parts(n=4):
     for buf in (queue.image, queue.text):  # half full, so the queue takes part in the loss
         buf[:, :4] = F.normalize(torch.randn(args.embed_dim, 4), dim=0)
     queue.ptr = queue.filled = 4
-    images, ids = torch.rand(n, 1, 32, 32), torch.randint(4, 30, (n, 10))
+    images, ids = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8), torch.randint(4, 30, (n, 10))
     ids[:, 0] = 2
     return model, teacher, queue, (images, ids, torch.ones_like(ids))
 
@@ -286,7 +342,7 @@ def write_real(root, n_train=40, n_test=12):
     lines, rows = [], ["image,caption,labels"]
     for i in range(n_train + n_test):
         findings, report = msd.synthetic_case(i)
-        torchvision.utils.save_image(msd.draw_case(findings, i, 32), root / "img" / f"{i}.png")
+        msd.draw_case(findings, i, 32).save(root / "img" / f"{i}.png")
         labels = [int(any(f["cls"] == c for f in findings)) for c in msd.CLASSES]
         if i < n_train:
             lines.append(json.dumps({"image": f"img/{i}.png", "caption": report, "labels": labels}))
