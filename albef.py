@@ -89,8 +89,7 @@ def get_args(argv=None):
                    "(Sec. 3.1): HF name or local dir")
     m.add_argument("--text-encoder", default="bert-base-uncased", help="BERT-base (Sec. 3.1): HF name or local "
                    "dir, weights and tokenizer")
-    m.add_argument("--no-pretrained", action="store_true", help="[inferred] ViT-B/16 + BERT-base from scratch, a "
-                   "word vocabulary of the captions: no download")
+    m.add_argument("--no-pretrained", action="store_true", help="[inferred] from scratch: no download")
     m.add_argument("--init", default=None, help="[inferred] start from an albef checkpoint (pretrain -> retrieval)")
     m.add_argument("--fusion-layer", type=int, default=6, help="first of the BERT layers that form the fusion "
                    "encoder, with cross-attention (Sec. 3.1: 6 text + 6 fusion)")
@@ -205,15 +204,12 @@ def read_json(path, keys):
     return items
 
 
-def captions(c):
-    return [pre_caption(x) for x in (c if isinstance(c, list) else [c])]
-
-
 def load_data(args):
     """-> train [(image, [captions], idx)], test and val (retrieval only) [{image, caption: [...]}]; idx =
     contiguous image id."""
     if args.data == "synthetic":
         return synthetic_data(args)
+    captions = lambda c: [pre_caption(x) for x in (c if isinstance(c, list) else [c])]  # noqa: E731
     retrieval = args.mode == "retrieval"
     if not args.eval_data or (retrieval and not args.val_data):
         raise SystemExit(f"error: a real --data needs --eval-data <test JSON>{' and --val-data <val JSON>' * retrieval}"
@@ -337,13 +333,10 @@ def collate(batch, pad_id=0):
     return torch.stack(images), pad(ids, pad_id), att, pad(mlm_ids, pad_id), pad(labels, -100), torch.tensor(idx)
 
 
-class EvalImages(torch.utils.data.Dataset):
+class EvalImages(torch.utils.data.Dataset):  # read through a Subset (a shard): no __len__ needed
     def __init__(self, test, res, seed):
         self.images, self.res, self.seed = [it["image"] for it in test], res, seed
         self.transform = T.Compose([T.Resize((res, res), interpolation=T.InterpolationMode.BICUBIC), T.PILToTensor()])
-
-    def __len__(self):
-        return len(self.images)
 
     def __getitem__(self, i):
         if isinstance(self.images[i], tuple):
@@ -446,8 +439,7 @@ class Encoders(nn.Module):
         return x
 
     def mlm_logits(self, ids, att, image):
-        """All 12 layers, then the MLM head at every position, as official: (B, L, V). Scoring only the masked
-        positions would save a little compute but gives tensors of data-dependent shape (a graph break)."""
+        """All 12 layers, then the MLM head at every position, as official (static shapes, no graph break): (B, L, V)"""
         return self.text_encoder.cls(self.fusion(self.text(ids, att)[0], att, image))
 
 
@@ -514,9 +506,8 @@ def itc_loss(sim_i2t, sim_t2i, tgt_i2t, tgt_t2i):
 
 
 def hard_negative_weights(sim_bb, idx=None):
-    """ITM negative sampling distribution: softmax over in-batch sims without the positive (retrieval: without any
-    same-image entry). Masking *before* the softmax is exactly what the official code samples (softmax, zero, then
-    multinomial renormalises), but a dominant positive can no longer underflow a row to 0 (official issues #18, #93)."""
+    """ITM negative sampling distribution: softmax over in-batch sims without the positive (retrieval: any same-image
+    entry). Masked *before* the softmax: what the official code samples, but no row underflows to 0 (#18, #93)."""
     b = sim_bb.shape[0]
     same = torch.eye(b, dtype=torch.bool, device=sim_bb.device) if idx is None else idx.view(-1, 1) == idx.view(1, -1)
     return F.softmax(sim_bb.float().masked_fill(same, float("-inf")), dim=1)
@@ -618,66 +609,80 @@ def albef_losses(model, model_m, queue, image, ids, att, mlm_ids, mlm_labels, id
 
 # --- Evaluation ---
 def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img):
-    """Official R@K: an image counts when its best-ranked caption is in the top K; a caption needs its image."""
-    def ranks(scores, positives):  # rank of the best positive per row
-        order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
-        rank_of = torch.argsort(order, dim=1)  # (N, N_other): rank of each column
-        return torch.stack([rank_of[i, pos].min() for i, pos in enumerate(positives)])
+    """Official R@K: an image counts when its best-ranked caption is in the top K; a caption needs its image. The rank
+    of a column is the number of entries above it plus equal ones to its left (a stable sort), one row at a time."""
+    def ranks(scores, positives):  # 0-based rank of the best positive per row
+        return torch.stack([((s > v) | (s == v) & (torch.arange(len(s)) < p[:, None])).sum(1).min()
+                            for s, p in zip(scores.float(), positives) for v in [s[p][:, None]]])
     tr = ranks(scores_i2t, [torch.as_tensor(p) for p in img2txt])
     ir = ranks(scores_t2i, [torch.as_tensor([p]) for p in txt2img])
-    out = {f"txt_r{k}": 100.0 * (tr < k).float().mean().item() for k in (1, 5, 10)}
-    out.update({f"img_r{k}": 100.0 * (ir < k).float().mean().item() for k in (1, 5, 10)})
-    out["txt_r_mean"] = sum(out[f"txt_r{k}"] for k in (1, 5, 10)) / 3
-    out["img_r_mean"] = sum(out[f"img_r{k}"] for k in (1, 5, 10)) / 3
+    out = {f"{d}_r{k}": 100 * (r < k).float().mean().item() for d, r in (("txt", tr), ("img", ir)) for k in (1, 5, 10)}
+    out.update({f"{d}_r_mean": sum(out[f"{d}_r{k}"] for k in (1, 5, 10)) / 3 for d in ("txt", "img")})
     return {"r_mean": (out["txt_r_mean"] + out["img_r_mean"]) / 2, **out}
 
 
-def rerank_topk(sims, k, itm_score_fn, rows=None):
-    """Official protocol: for each row take the top-k columns by ITC similarity and score them with the ITM head,
-    score = itm_score_fn(rows (n,), cols (n, k)) -> (n, k); every other entry is -100. `rows` (this process's
-    share) leaves the others at -100 too; summing over processes then shifts whole rows, ranks unchanged."""
-    scores = torch.full_like(sims, -100.0)
-    top = sims.topk(min(k, sims.shape[1]), dim=1).indices  # (N, k)
-    rows = torch.arange(sims.shape[0]) if rows is None else torch.as_tensor(rows)
-    chunk = max(1, 256 // top.shape[1])  # about 256 fusion passes per call
-    for r in rows.split(chunk):
-        r = r.to(sims.device)
-        scores[r[:, None], top[r]] = itm_score_fn(r, top[r]).to(scores.dtype)
-    return scores
+def shard(n):
+    """This process's contiguous rows of range(n), the last repeated to ceil(n / world) rows (all_gather), own count."""
+    rank, per = common.get_rank(), math.ceil(n / common.get_world_size())
+    return [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)], max(0, min(per, n - rank * per))
+
+
+def rerank_topk(sims, k, itm, images, text_blocks=None, chunk=256):
+    """Official protocol: each row of sims (N_img, N_txt) and of sims.T keeps its top-k columns by ITC similarity,
+    scored by ITM, the rest -100 -> scores_i2t, scores_t2i. Scores the pairs whose image is in `images`, by blocks:
+    text_blocks yields (text ids (b,), block) (default: all texts, None), itm(image ids, text ids, rows in the block,
+    block) -> (<= chunk,) scores. A pair in both top-k lists is scored once, each top-k entry on one process."""
+    (n_img, n_txt), dev = sims.shape, sims.device
+    top_i2t, top_t2i = sims.topk(min(k, n_txt), dim=1).indices, sims.T.topk(min(k, n_img), dim=1).indices
+    val_i2t, val_t2i = torch.zeros(top_i2t.shape, device=dev), torch.zeros(top_t2i.shape, device=dev)
+    mine = torch.isin(torch.arange(n_img, device=dev), torch.as_tensor(images, dtype=torch.long, device=dev))
+    for texts, block in text_blocks or [(torch.arange(n_txt, device=dev), None)]:
+        where = torch.full((n_txt,), -1, device=dev).index_copy_(0, texts, torch.arange(len(texts), device=dev))
+        ia, ka = (mine[:, None] & (where[top_i2t] >= 0)).nonzero(as_tuple=True)  # i2t entries scored here now
+        jb, kb = ((where >= 0)[:, None] & mine[top_t2i]).nonzero(as_tuple=True)  # t2i entries
+        key = torch.cat([ia * n_txt + top_i2t[ia, ka], top_t2i[jb, kb] * n_txt + jb])  # image * N_txt + text
+        pairs, inv = key.unique(return_inverse=True)
+        s = torch.cat([torch.zeros(0, device=dev)] + [itm(p // n_txt, p % n_txt, where[p % n_txt], block).float()
+                                                       for p in pairs.split(chunk) if len(p)])
+        val_i2t[ia, ka], val_t2i[jb, kb] = s[inv[:len(ia)]], s[inv[len(ia):]]
+    common.all_reduce_sum(val_i2t), common.all_reduce_sum(val_t2i)  # exact: one process holds each entry, 0 the rest
+    return (torch.full((n_img, n_txt), -100.0, device=dev).scatter_(1, top_i2t, val_i2t),
+            torch.full((n_txt, n_img), -100.0, device=dev).scatter_(1, top_t2i, val_t2i))
 
 
 @torch.no_grad()
 def evaluate(model, test, tok, args, device, amp):
-    """Image-text retrieval: ITC top-k, ITM re-ranking, R@1/5/10 both ways (official Retrieval.py)."""
+    """Image-text retrieval: ITC top-k, ITM re-ranking, R@1/5/10 both ways (official Retrieval.py). Each process
+    embeds a shard of the images and of the texts and keeps only those tokens (image tokens in the amp dtype, which
+    the fusion casts them to); the E-dim ITC features are gathered: sims and top-k lists are the same everywhere. A
+    pair is fused where its image is, the text tokens going round 64 per process at a time (all_gather)."""
     model = common.unwrap(model)
     enc, training = model.enc, model.training
     model.eval()
-    texts, txt2img, img2txt = [], [], []  # positives by image: img2txt[i] = its captions, txt2img[j] = its image
-    for i, it in enumerate(test):
-        img2txt.append(list(range(len(texts), len(texts) + len(it["caption"]))))
-        texts.extend(it["caption"])
-        txt2img.extend([i] * len(it["caption"]))
+    texts = [c for it in test for c in it["caption"]]  # positives: img2txt[i] = its captions, txt2img[j] = its image
+    img2txt = torch.arange(len(texts)).split([len(it["caption"]) for it in test])
+    txt2img = [i for i, caps in enumerate(img2txt) for _ in caps]
     t = tok(texts, padding="longest", truncation=True, max_length=30, return_tensors="pt")  # 30 tokens, as official
-    ids, att = t["input_ids"].to(device), t["attention_mask"].to(device)
-    loader = torch.utils.data.DataLoader(EvalImages(test, args.image_res, args.seed), batch_size=64,
-                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+    ids, att = t["input_ids"].to(device), t["attention_mask"].to(device)  # all texts on every process: small
+    (img_rows, n_img), (txt_rows, _) = shard(len(test)), shard(len(texts))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(EvalImages(test, args.image_res, args.seed), img_rows),
+                                         batch_size=64, num_workers=args.workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator())
+    rows, low = torch.tensor(txt_rows, device=device), {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     with common.autocast(device, amp):
-        txt = [enc.text(ids[s:s + 256], att[s:s + 256]) for s in range(0, len(texts), 256)]
+        txt = [enc.text(ids[r], att[r]) for r in rows.split(256)]
         img = [enc.image(x.to(device, non_blocking=True)) for x in loader]
-        txt_tok, t_feat = torch.cat([a for a, _ in txt]), torch.cat([b for _, b in txt])
-        img_tok, v_feat = torch.cat([a for a, _ in img]), torch.cat([b for _, b in img])
+        txt_tok, img_tok = torch.cat([a for a, _ in txt]), torch.cat([a.to(low or a.dtype) for a, _ in img])[:n_img]
+        v_feat = common.concat_all_gather(torch.cat([b for _, b in img]))[:len(test)]
+        t_feat = common.concat_all_gather(torch.cat([b for _, b in txt]))[:len(texts)]
         with torch.autocast(device.type, enabled=False):
             sims = v_feat @ t_feat.T  # (N_img, N_txt), fp32
+        blocks = ((common.concat_all_gather(rows[s:s + 64]), common.concat_all_gather(txt_tok[s:s + 64]))
+                  for s in range(0, len(txt_rows), 64))  # 64 texts of every process at a time: ids, (W x 64, L, D)
 
-        def itm(img_rows, txt_rows):  # raw ITM logit of "match", the official re-ranking score
-            return model.itm_head(enc.fusion(txt_tok[txt_rows], att[txt_rows], img_tok[img_rows])[:, 0]).float()[:, 1]
-        mine = lambda n: torch.arange(common.get_rank(), n, common.get_world_size())  # noqa: E731, this rank's rows
-        s_i2t = rerank_topk(sims, args.k_test, lambda r, c: itm(r[:, None].expand_as(c).flatten(), c.flatten())
-                            .view(c.shape), mine(sims.shape[0]))
-        s_t2i = rerank_topk(sims.T, args.k_test, lambda r, c: itm(c.flatten(), r[:, None].expand_as(c).flatten())
-                            .view(c.shape), mine(sims.shape[1]))
-    common.all_reduce_sum(s_i2t), common.all_reduce_sum(s_t2i)
+        def itm(image, text, row, block):  # raw ITM logit of "match", the official re-ranking score
+            return model.itm_head(enc.fusion(block[row], att[text], img_tok[image - img_rows[0]])[:, 0]).float()[:, 1]
+        s_i2t, s_t2i = rerank_topk(sims, args.k_test, itm, img_rows[:n_img], blocks)
     model.train(training)
     metrics = recall_at_k(s_i2t.cpu(), s_t2i.cpu(), img2txt, txt2img)
     metrics["itc_r_mean"] = recall_at_k(sims.cpu(), sims.T.cpu(), img2txt, txt2img)["r_mean"]  # before re-ranking
@@ -686,10 +691,9 @@ def evaluate(model, test, tok, args, device, amp):
 
 # --- Train ---
 def convert_official(sd, vit_keys):
-    """A released ALBEF state dict (ALBEF.pth, ALBEF_4M.pth: pretraining; mscoco.pth, flickr30k.pth: retrieval,
-    whose BERT has no 'bert.' prefix and no MLM head) -> (model, momentum model, queue) state dicts in this file's
-    names. timm's ViT keys become transformers' (whose names changed in v5: `vit_keys` tells which), its fused qkv
-    is split into q, k, v; '*_m' keys go to the momentum model."""
+    """A released ALBEF state dict (ALBEF.pth, ALBEF_4M.pth; mscoco.pth, flickr30k.pth: BERT without 'bert.' and MLM
+    head) -> (model, momentum model, queue) state dicts in this file's names: timm's ViT keys become transformers'
+    (v5 names if `vit_keys` has them), fused qkv split into q, k, v; '*_m' keys go to the momentum model."""
     v5 = "layers.0.attention.q_proj.weight" in vit_keys
     block = "layers.{}." if v5 else "encoder.layer.{}."
     names = {"norm1": "layernorm_before", "norm2": "layernorm_after",
@@ -804,16 +808,13 @@ def main(argv=None):
     if args.tiny and step == 0 and metrics_init is None and total > 0:
         metrics_init = evaluate(model, test, tok, args, device, amp)  # the random-init baseline
     net = common.distribute(model, device, args.compile)  # DDP, then compile
-    # from_pretrained returns modules in eval mode: the official code trains with dropout on, in the online
-    # model and in the momentum model alike (evaluate() puts back the mode it found).
-    model.train()
-    model_m.train()
+    # from_pretrained returns eval mode; official trains with dropout on, momentum model too (evaluate() restores it)
+    model.train(), model_m.train()
 
-    def save():  # a collective: every rank calls it
-        common.save_checkpoint(path, "albef", step, {
+    def save(name="checkpoint.pt", **extra):  # a collective: every rank calls it
+        common.save_checkpoint(os.path.join(args.output_dir, name), "albef", step, {
             "args": vars(args), "model": model.state_dict(), "momentum_model": model_m.state_dict(),
-            "queue": queue.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": step // spe, "metrics_init": metrics_init, "best": best}, finite=[model])
+            "queue": queue.state_dict(), **extra}, finite=[model])
 
     t0, seen = time.time(), 0
     while step < total:
@@ -855,10 +856,9 @@ def main(argv=None):
             common.log_jsonl(args.output_dir, {"step": step, "epoch": epoch, **res})
             if best is None or res["val"]["r_mean"] > best["val"]["r_mean"]:  # keep the epoch best on val
                 best = {"epoch": epoch, **res}
-                common.save_checkpoint(os.path.join(args.output_dir, "best.pt"), "albef", step, {
-                    "args": vars(args), "model": model.state_dict(), "momentum_model": model_m.state_dict(),
-                    "queue": queue.state_dict(), "epoch": epoch, "val": res["val"]}, finite=[model])
-        save()  # at every epoch end and when --max-steps stops the run
+                save("best.pt", epoch=epoch, val=res["val"])
+        save(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=step // spe, metrics_init=metrics_init,
+             best=best)  # at every epoch end and when --max-steps stops the run
     if best is not None and not args.eval_only:  # retrieval: the test scores of the epoch best on val
         metrics = {**best["test"], "best_epoch": best["epoch"], "val_r_mean": best["val"]["r_mean"]}
     else:

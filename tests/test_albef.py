@@ -187,12 +187,27 @@ def test_recall_at_k_worked_example_and_rerank():
     assert (r["txt_r1"], r["txt_r5"], r["img_r1"], r["img_r5"]) == pytest.approx((50, 100, 25, 100))
     assert r["r_mean"] == pytest.approx(((50 + 100 + 100) / 3 + (25 + 100 + 100) / 3) / 2)
     sims = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
-    scores = albef.rerank_topk(sims, 3, lambda rows, cols: (rows[:, None] * 10 + cols).float())
-    top = sims.topk(3, dim=1).indices
+    calls = []
+
+    def itm(img, txt, rows, block):
+        calls.append(len(img))
+        return (img * 10 + txt).float()
+    s_i2t, s_t2i = albef.rerank_topk(sims, 3, itm, range(5))
+    top_i2t, top_t2i = sims.topk(3, dim=1).indices, sims.T.topk(3, dim=1).indices
     for i in range(5):  # only each row's top-k entries are ITM scores, every other entry is -100
-        assert sorted(scores[i][scores[i] != -100].tolist()) == sorted((i * 10 + top[i]).float().tolist())
-    part = albef.rerank_topk(sims, 3, lambda rows, cols: (rows[:, None] * 10 + cols).float(), rows=T([1, 3]))
-    assert (part[[0, 2, 4]] == -100).all() and torch.equal(part[[1, 3]], scores[[1, 3]])
+        assert sorted(s_i2t[i][s_i2t[i] != -100].tolist()) == sorted((i * 10 + top_i2t[i]).float().tolist())
+    for j in range(7):  # t2i: the same pair score, image * 10 + text
+        assert sorted(s_t2i[j][s_t2i[j] != -100].tolist()) == sorted((top_t2i[j] * 10 + j).float().tolist())
+    pairs = {(i, int(c)) for i in range(5) for c in top_i2t[i]} | {(int(r), j) for j in range(7) for r in top_t2i[j]}
+    assert sum(calls) == len(pairs) < 5 * 3 + 7 * 3  # a pair in both top-k lists is scored once
+    # two image shards, texts in blocks (the last text repeated, as a shard pads): the two parts add up to the whole
+    # (what the sum over processes does), and every pair is scored once, by the owner of its image
+    blocks = [(T([0, 1, 2, 3]), None), (T([4, 5, 6, 6]), None)]
+    calls.clear()
+    a, b = albef.rerank_topk(sims, 3, itm, [0, 1, 2], blocks), albef.rerank_topk(sims, 3, itm, [3, 4], blocks)
+    assert sum(calls) == len(pairs)
+    for whole, x, y in zip((s_i2t, s_t2i), a, b):
+        assert torch.equal(x + y, torch.where(whole == -100, -200.0, whole))
 
 
 def test_pre_caption_and_synthetic_captions():
@@ -472,6 +487,59 @@ def test_two_processes_give_the_mean_of_the_per_process_gradients(tmp_path):
         for r in range(2):
             err = (two[r][name] - ref).norm()
             assert err <= 1e-4 * ref.norm() + 1e-7, f"{name}: |diff| {err:.3g} vs |grad| {ref.norm():.3g}"
+
+
+def _retrieval_eval(out):
+    """evaluate() of a tiny random ALBEF on 7 test images (35 captions), recording what this process embedded, gathered
+    and fused, and the score matrices it ranked."""
+    args = albef.get_args(["--tiny", "--workers", "0", "--k-test", "4", "--output-dir", str(out)])
+    train, test, _ = albef.synthetic_data(args)
+    tok = albef.make_tokenizer(args, [c for _, caps, _ in train for c in caps])
+    torch.manual_seed(0)
+    model = albef.ALBEF(albef.build_encoders(args, len(tok)), args.temp)
+    rec = collections.defaultdict(list)
+
+    def counted(name, fn, rows=lambda a: len(a[0])):
+        def wrapper(*a):
+            rec[name].append(rows(a))
+            return fn(*a)
+        return wrapper
+    enc, recall, gather = model.enc, albef.recall_at_k, common.concat_all_gather
+    for name, fn in (("images", "image"), ("texts", "text"), ("pairs", "fusion")):  # rows embedded, pairs fused
+        setattr(enc, fn, counted(name, getattr(enc, fn)))
+    albef.recall_at_k = counted("scores", recall, lambda a: (a[0].clone(), a[1].clone()))
+    common.concat_all_gather = counted("gathered", gather, lambda a: tuple(a[0].shape[1:]))
+    try:
+        metrics = albef.evaluate(model, test[:7], tok, args, torch.device("cpu"), "none")
+    finally:
+        albef.recall_at_k, common.concat_all_gather = recall, gather
+    return {"metrics": metrics, **{k: rec[k] if k in ("scores", "gathered") else sum(rec[k]) for k in rec}}
+
+
+def _eval_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_retrieval_eval(out), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_retrieval_equals_one_process_and_holds_a_shard(tmp_path):
+    """Two processes give the one-process score matrices and metrics, while each embeds only its shard of the images
+    (4 + 4 of 7, the last repeated) and texts (18 + 18 of 35), gathers no image tokens (only E-dim features, text ids
+    and text tokens) and fuses only its share of the top-k pairs (each pair once over both)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/{r}.pt") for r in range(2)]
+    torch.set_num_threads(1)
+    one = _retrieval_eval(tmp_path)
+    assert (one["images"], one["texts"]) == (7, 35) and [(t["images"], t["texts"]) for t in two] == [(4, 18)] * 2
+    assert two[0]["pairs"] + two[1]["pairs"] == one["pairs"] and min(t["pairs"] for t in two) > 0
+    for t in two:
+        assert all(len(s) < 2 or s[0] != 17 for s in t["gathered"]), t["gathered"]  # tokens: 1 + 16 patches
+        assert t["metrics"] == pytest.approx(one["metrics"], abs=1e-9), (t["metrics"], one["metrics"])
+        for (a, b), (c, d) in zip(t["scores"], one["scores"]):  # re-ranked, then ITC
+            assert_tensors_close(a, c, atol=1e-5), assert_tensors_close(b, d, atol=1e-5)
 
 
 def _official_state_dict(enc, vocab, retrieval=False, seed=0):
