@@ -12,7 +12,7 @@ query->augmented code (inter-modal) and, with --intra, code->augmented code and 
 Where (the paper's sections "Soft data augmentation", "Momentum mechanism", "Multimodal contrastive learning"):
 soft_augment + soda_op = SoDa (DM, DR, DRST, DMST); Encoder + mean_pool = the code/query encoder;
 common.ema_update_ = momentum encoder; Queue = the four queues; moco_logits + cocosoda_loss = the multimodal
-contrastive loss; finetune_loss = fine-tuning; mrr + recall_at_k = evaluation (top-1000 rule of run.py).
+contrastive loss; finetune_loss = fine-tuning; rank_sums + evaluate = MRR, R@k (top-1000 rule of run.py).
 --soda-mode official (default, with --intra off: run_cocosoda.sh) does what the released code does: the type
 names are special tokens of the tokenizer, DM masks 1 step in 4, DR and DRST leave the input unchanged (its
 batch has no type ids), DMST masks the chosen type name where the tokenizer split it out of the code text.
@@ -33,6 +33,7 @@ Real data: CodeSearchNet as written by the official dataset/get_data.sh + prepro
 <data>/<lang>/{train,valid,test,codebase}.jsonl with code_tokens, docstring_tokens, url per line.
 """
 import argparse
+import array
 import ast
 import bisect
 import collections
@@ -153,22 +154,21 @@ OFFICIAL_TYPES = sorted(set(
     "text php_tag name string ERROR boolean namespace class extends "  # php
     "simple_symbol constant instance_variable string_content hash_key_symbol global_variable heredoc_beginning "
     "heredoc_content heredoc_end class_variable".split()))  # ruby
+_C_LIKE = ("break case catch class const continue default do else extends finally for if instanceof new return "
+           "switch throw try while true false null")  # keywords of java, javascript and php
 KEYWORDS = {"python": set(keyword.kwlist) | {"self"}, **{lang: set(words.split()) for lang, words in {
     "go": "break case chan const continue default defer else fallthrough for func go goto if import interface map "
           "package range return select struct switch type var nil true false",
-    "java": "abstract assert boolean break byte case catch char class const continue default do double else enum "
-            "extends final finally float for goto if implements import instanceof int interface long native new "
-            "package private protected public return short static super switch synchronized this throw throws "
-            "transient try void volatile while true false null",
-    "javascript": "async await break case catch class const continue debugger default delete do else export extends "
-                  "finally for function if import in instanceof let new return super switch this throw try typeof "
-                  "var void while with yield true false null undefined",
-    "php": "abstract and array as break callable case catch class clone const continue declare default do echo else "
-           "elseif empty extends final finally fn for foreach function global goto if implements include instanceof "
-           "interface isset list match namespace new or print private protected public require require_once return "
-           "static switch throw trait try unset use var while xor yield true false null",
-    "ruby": "alias and begin break case class def defined? do else elsif end ensure false for if in module next nil "
-            "not or redo rescue retry return self super then true undef unless until when while yield"}.items()}}
+    "java": _C_LIKE + " abstract assert boolean byte char double enum final float goto implements import int "
+            "interface long native package private protected public short static super synchronized this throws "
+            "transient void volatile",
+    "javascript": _C_LIKE + " async await debugger delete export function import in let super this typeof var void "
+                  "with yield undefined",
+    "php": _C_LIKE + " abstract and array as callable clone declare echo elseif empty final fn foreach function "
+           "global goto implements include interface isset list match namespace or print private protected public "
+           "require require_once static trait unset use var xor yield",
+    "ruby": "alias and begin break case class def defined? do else elsif end ensure false for if in module next "
+            "nil not or redo rescue retry return self super then true undef unless until when while yield"}.items()}}
 SEPARATORS = set("()[]{},:;.") | {"->", "...", "=>", "::"}
 _NUMBER = re.compile(f"(?:{tokenize.Number})[lLfFdDuUn]*")
 _IDENT = re.compile(r"[$@]{0,2}[^\W\d]\w*[?!]?")  # php $x, ruby @x @@x x? x!
@@ -247,47 +247,75 @@ def stdlib_corpus():
     return [e for e in examples if zlib.crc32(e["url"].encode()) % 10 != 0], test
 
 
-def read_jsonl(path, keys):
-    """CodeSearchNet jsonl -> list of {key: value}; token fields given as strings are split on whitespace."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {path} not found; --data needs CodeSearchNet jsonl files <lang>/"
-                         "{train,valid,test,codebase}.jsonl (see dataset/preprocess.py of the official code)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                js = json.loads(line)
-            except json.JSONDecodeError:
-                raise SystemExit(f"error: {path} line {n} is not valid JSON; fix or remove that line") from None
-            missing = [k for k in keys if k not in js]
-            if missing:
-                raise SystemExit(f"error: {path} line {n} has no '{missing[0]}' field; each line needs "
-                                 f"{', '.join(keys)}")
-            rows.append({k: js[k].split() if k.endswith("_tokens") and isinstance(js[k], str) else js[k]
-                         for k in keys})
-    if not rows:
-        raise SystemExit(f"error: {path} is empty; give a CodeSearchNet jsonl file with one example per line")
-    return rows
+class Jsonl:
+    """A CodeSearchNet jsonl file, read line by line each time it is iterated (no corpus is held as Python lists):
+    {key: value} per line, token fields given as strings split on whitespace; one-line errors name file and line."""
+
+    def __init__(self, path, keys):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: {path} not found; --data needs CodeSearchNet jsonl files <lang>/"
+                             "{train,valid,test,codebase}.jsonl (see dataset/preprocess.py of the official code)")
+        if not os.path.getsize(path):
+            raise SystemExit(f"error: {path} is empty; give a CodeSearchNet jsonl file with one example per line")
+        self.path, self.keys = path, keys
+
+    def __iter__(self):
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    js = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SystemExit(f"error: {self.path} line {n} is not valid JSON; fix or remove that line") from None
+                missing = [k for k in self.keys if k not in js]
+                if missing:
+                    raise SystemExit(f"error: {self.path} line {n} has no '{missing[0]}' field; each line needs "
+                                     f"{', '.join(self.keys)}")
+                yield {k: js[k].split() if k.endswith("_tokens") and isinstance(js[k], str) else js[k] for k in self.keys}
 
 
 def load_data(args):
-    """-> ([(language, training examples)], {"test": pool, "valid": pool (CodeSearchNet only)})."""
+    """-> ([(language, training examples)], {"test": pool, "valid": pool (CodeSearchNet only)}), a pool = (query
+    examples, candidate examples, gold (Nq,)): lists for the built-in corpus, files read when iterated for real data
+    (`tokenise` then holds them as token ids)."""
     if args.data == "synthetic":
         train, test = stdlib_corpus()
-        return [("python", train)], {"test": ([e["docstring_tokens"] for e in test],
-                                              [e["code_tokens"] for e in test], torch.arange(len(test)))}
+        return [("python", train)], {"test": (test, test, torch.arange(len(test)))}
     if not os.path.isdir(args.data):
         raise SystemExit(f"error: --data {args.data} is not a directory; give a CodeSearchNet folder with "
                          "<lang>/train.jsonl, test.jsonl, codebase.jsonl, or --data synthetic")
     langs = args.pretrain_langs if args.mode == "pretrain" else [args.lang]
-    parts = [(lang, read_jsonl(os.path.join(args.data, lang, "train.jsonl"), ("code_tokens", "docstring_tokens")))
+    parts = [(lang, Jsonl(os.path.join(args.data, lang, "train.jsonl"), ("code_tokens", "docstring_tokens")))
              for lang in langs]
     pools = {"test": read_pool(args.data, args.lang, "test")}
     if os.path.isfile(os.path.join(args.data, args.lang, "valid.jsonl")):
         pools["valid"] = read_pool(args.data, args.lang, "valid")
     return parts, pools
+
+
+def read_pool(root, lang, split):
+    """Retrieval pool of the official evaluation: queries from <split>.jsonl, candidates codebase.jsonl, gold
+    candidate of each query = the one with its url. -> (queries, codes, gold (Nq,))."""
+    queries = Jsonl(os.path.join(root, lang, f"{split}.jsonl"), ("docstring_tokens", "url"))
+    codes = Jsonl(os.path.join(root, lang, "codebase.jsonl"), ("code_tokens", "url"))
+    where = {c["url"]: i for i, c in enumerate(codes)}
+    lost = next((q["url"] for q in queries if q["url"] not in where), None)
+    if lost is not None:
+        raise SystemExit(f"error: url {lost} of {lang}/{split}.jsonl is not in {lang}/codebase.jsonl; the "
+                         "codebase must hold the code of every query")
+    return queries, codes, torch.tensor([where[q["url"]] for q in queries])
+
+
+def tokenise(tok, parts, pools, args):
+    """-> ([(language, code Corpus, query Corpus)], {split: (query Corpus, code Corpus, gold)}): code types only for
+    --soda-mode paper pre-training, one codebase Corpus for the test and valid pools."""
+    paper = args.mode == "pretrain" and args.soda_mode == "paper"
+    parts = [(lang, Corpus(tok, (e["code_tokens"] for e in part), args.code_len, lang if paper else None),
+              Corpus(tok, (e["docstring_tokens"] for e in part), args.nl_len)) for lang, part in parts]
+    codes = Corpus(tok, (e["code_tokens"] for e in pools["test"][1]), args.code_len)
+    return parts, {k: (Corpus(tok, (e["docstring_tokens"] for e in q), args.nl_len), codes, gold)
+                   for k, (q, _, gold) in pools.items()}
 
 
 class LanguageSampler(torch.utils.data.Sampler):
@@ -399,42 +427,55 @@ class HFTokenizer:
         self.tok.save_pretrained(path)
 
 
-def align_types(tok, words, types, max_len):
-    """UniXcoder input [<s>, <encoder-only>, </s>, pieces..., </s>, <pad>...] of length max_len, and the type
-    token id of each piece's word at the same positions (the ids themselves outside the pieces).
-    -> (ids (L,), type_ids (L,) or None)."""
-    ids, word_of = tok(words, max_len - 4)
-    prefix, pad = [tok.cls_id, tok.enc_id, tok.sep_id], [tok.pad_id] * (max_len - 4 - len(ids))
-    full = torch.tensor(prefix + ids + [tok.sep_id] + pad)
-    if types is None:
-        return full, None
-    return full, torch.tensor(prefix + [tok.type_ids[types[j]] for j in word_of] + [tok.sep_id] + pad)
+class Corpus:
+    """Token ids of many sequences in one flat array + offsets (sequence i = ids[ends[i]:ends[i + 1]], <= max_len - 4):
+    2 bytes a token (4 past 65,536 ids), one buffer the data workers share. With lang: each piece's type token too."""
+
+    def __init__(self, tok, sequences, max_len, lang=None):
+        kind = "H" if tok.vocab_size <= 1 << 16 else "i"
+        self.ids, self.types, self.ends = array.array(kind), array.array(kind), array.array("q", [0])
+        self.specials, self.max_len, self.lang = (tok.cls_id, tok.enc_id, tok.sep_id, tok.pad_id), max_len, lang
+        for words in sequences:
+            ids, word_of = tok(words, max_len - 4)
+            self.ids.extend(ids)
+            if lang:
+                kinds = token_types(words, lang)
+                self.types.extend(tok.type_ids[kinds[j]] for j in word_of)
+            self.ends.append(len(self.ids))
+
+    def __len__(self):
+        return len(self.ends) - 1
+
+    def __getitem__(self, i):
+        """UniXcoder input [<s>, <encoder-only>, </s>, pieces, </s>, <pad>...] (max_len,), its type ids or None."""
+        (a, b), (cls, enc, sep, pad) = self.ends[i:i + 2], self.specials
+        tail = [sep] + [pad] * (self.max_len - 4 - (b - a))
+        ids = torch.tensor([cls, enc, sep, *self.ids[a:b], *tail])
+        return ids, torch.tensor([cls, enc, sep, *self.types[a:b], *tail]) if self.lang else None
 
 
 class CodeSearchDataset(torch.utils.data.Dataset):
     """(code, query) ids; when pre-training, also the soft-augmented views the momentum encoder embeds (the
     operator of a sample depends on its step, its random draws on its sample seed: exact resume, any world)."""
 
-    def __init__(self, parts, tok, args):
-        self.examples = [(lang, e) for lang, part in parts for e in part]
-        self.tok, self.args = tok, args
+    def __init__(self, parts, tok, args):  # parts: [(language, code Corpus, query Corpus)]
+        self.parts, self.tok, self.args = parts, tok, args
+        self.starts = [0] + torch.tensor([len(codes) for _, codes, _ in parts]).cumsum(0).tolist()
 
     def __len__(self):
-        return len(self.examples)
+        return self.starts[-1]
 
     def __getitem__(self, key):
         i, sample_seed, step = key
-        (lang, e), a, tok = self.examples[i], self.args, self.tok
-        paper = a.mode == "pretrain" and a.soda_mode == "paper"
-        code, types = align_types(tok, e["code_tokens"], token_types(e["code_tokens"], lang) if paper else None,
-                                  a.code_len)
-        nl, _ = align_types(tok, e["docstring_tokens"], None, a.nl_len)
+        k = bisect.bisect_right(self.starts, i) - 1
+        (_, codes, nls), a, tok = self.parts[k], self.args, self.tok
+        (code, types), (nl, _) = codes[i - self.starts[k]], nls[i - self.starts[k]]
         if a.mode != "pretrain":
             return code, nl
         op, target = soda_op(step, a.soda_mode)
         code_k, nl_k = code, nl  # no operator: the key differs only by dropout and momentum weights
         with common.seeded(sample_seed):
-            if op == "mask_type" and not paper:  # released DMST: the ids are the type table, the name a token
+            if op == "mask_type" and types is None:  # released DMST: the ids are the type table, the name a token
                 code_k = soft_augment(code, code, a.mlm_prob, op, tok.mask_id, prefix_mask(code),
                                       target_type=tok.name_ids[target])
             elif op is not None:
@@ -637,47 +678,36 @@ def enqueue_all(queues, keys):
 
 
 # --- Evaluation ---
-def read_pool(root, lang, split):
-    """Retrieval pool of the official evaluation: queries from <split>.jsonl, candidates codebase.jsonl, gold
-    candidate of each query = the one with its url. -> (query word lists, code word lists, gold (Nq,))."""
-    queries = read_jsonl(os.path.join(root, lang, f"{split}.jsonl"), ("docstring_tokens", "url"))
-    codes = read_jsonl(os.path.join(root, lang, "codebase.jsonl"), ("code_tokens", "url"))
-    where = {c["url"]: i for i, c in enumerate(codes)}
-    lost = next((q["url"] for q in queries if q["url"] not in where), None)
-    if lost is not None:
-        raise SystemExit(f"error: url {lost} of {lang}/{split}.jsonl is not in {lang}/codebase.jsonl; the "
-                         "codebase must hold the code of every query")
-    return ([q["docstring_tokens"] for q in queries], [c["code_tokens"] for c in codes],
-            torch.tensor([where[q["url"]] for q in queries]))
-
-
-def _ranks(scores, gold):
-    """Rank of each query's gold candidate: 1 + number of candidates scoring strictly higher. (Nq,)"""
-    return 1 + (scores > scores.gather(1, gold[:, None])).sum(1)
-
-
-def mrr(scores, gold, topk=1000):
-    """Mean reciprocal rank; a gold candidate outside the top `topk` counts 0 (official run.py)."""
-    r = _ranks(scores, gold).float()
-    return torch.where(r <= topk, 1 / r, torch.zeros_like(r)).mean().item()
-
-
-def recall_at_k(scores, gold, k):
-    return (_ranks(scores, gold) <= k).float().mean().item()
+def rank_sums(scores, gold, topk=1000):
+    """Sums over the queries of a block of scores (Nq, Nc): reciprocal rank of the gold candidate (rank = 1 + number
+    of candidates scoring strictly higher; 0 outside the top `topk`, official run.py) and hits at 1, 5, 10. (4,)"""
+    r = 1 + (scores > scores.gather(1, gold[:, None])).sum(1)
+    return torch.stack([torch.where(r <= topk, 1 / r.double(), 0.0).sum(), *((r <= k).sum().double() for k in (1, 5, 10))])
 
 
 @torch.no_grad()
-def evaluate(encoder, pool, batch_size, device, amp):
-    """Embed queries and candidates with the online encoder in eval mode (the training loop switches back),
-    score by dot product = cosine."""
+def evaluate(encoder, pool, batch_size, device, amp, chunk=1024):
+    """MRR, R@1/5/10 of the online encoder in eval mode (training switches back), score = dot product = cosine. Each
+    process embeds a shard of the candidates and of the queries; the candidate embeddings are gathered once in fp32
+    (Nc x d, 135 MB for Python's 43,827 x 768: less than a block of scores, and no exchange per query block), and it
+    scores its queries `chunk` at a time (not Nq x Nc, 2.6 GB for Python); reciprocal ranks and hits are summed."""
     queries, codes, gold = pool
     encoder.eval()
-    with common.autocast(device, amp):
-        q = torch.cat([encoder.encode(x.to(device, non_blocking=True)) for x in queries.split(batch_size)])
-        c = torch.cat([encoder.encode(x.to(device, non_blocking=True)) for x in codes.split(batch_size)])
-    scores, gold = q.float() @ c.float().T, gold.to(device)  # (Nq, Nc)
-    return {"mrr": mrr(scores, gold), "r@1": recall_at_k(scores, gold, 1), "r@5": recall_at_k(scores, gold, 5),
-            "r@10": recall_at_k(scores, gold, 10)}
+
+    def embed(corpus):  # this process's contiguous rows, the last repeated to ceil(n / world) (all_gather), fp32
+        n, rank, per = len(corpus), common.get_rank(), math.ceil(len(corpus) / common.get_world_size())
+        rows, out = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)], []
+        for s in range(0, len(rows), batch_size):
+            ids = torch.stack([corpus[i][0] for i in rows[s:s + batch_size]]).to(device, non_blocking=True)
+            with common.autocast(device, amp):
+                out.append(encoder.encode(ids).float())
+        return torch.cat(out), rows[:max(0, min(per, n - rank * per))]  # embeddings, own rows
+    c = common.concat_all_gather(embed(codes)[0])[:len(codes)]  # (Nc, d) on every process
+    q, rows = embed(queries)
+    gold, sums = gold[rows].to(device), torch.zeros(4, dtype=torch.float64, device=device)
+    for s in range(0, len(rows), chunk):
+        sums += rank_sums(q[s:min(s + chunk, len(rows))] @ c.T, gold[s:s + chunk])
+    return dict(zip(("mrr", "r@1", "r@5", "r@10"), (common.all_reduce_sum(sums) / len(queries)).tolist()))
 
 
 # --- Train ---
@@ -696,19 +726,17 @@ def main(argv=None):
 
     parts, pools = load_data(args)
     common.seed_everything(args.seed)  # identical initial weights on every rank
-    tok, model = build_encoder(args, [e for _, part in parts for e in part])
+    tok, model = build_encoder(args, (e for _, part in parts for e in part))  # --from-scratch: reads the files
     model.to(device)
     momentum_model = common.momentum_copy(model) if pretrain else None
     g = torch.Generator().manual_seed(3047)  # official queue seed
     dim = model.backbone.config.hidden_size
     queues = nn.ModuleDict({k: Queue(dim, args.queue_size, g) for k in QUEUES}).to(device) if pretrain else None
     common.seed_everything(args.seed + rank)
-    pools = {k: (torch.stack([align_types(tok, w, None, args.nl_len)[0] for w in qs]),
-                 torch.stack([align_types(tok, w, None, args.code_len)[0] for w in codes]), gold)
-             for k, (qs, codes, gold) in pools.items()}
+    parts, pools = tokenise(tok, parts, pools, args)
 
     ds = CodeSearchDataset(parts, tok, args)
-    sizes = [len(part) for _, part in parts]
+    sizes = [len(codes) for _, codes, _ in parts]
     spe = sizes[0] // global_batch  # fine-tuning: steps per epoch of its one language
     total = args.pretrain_steps if pretrain else args.epochs * spe
     stop = total if args.max_steps is None else min(total, args.max_steps)
@@ -730,9 +758,8 @@ def main(argv=None):
         common.restore(ckpt, ckpt_path, **restore, **({} if args.eval_only else dict(optimizer=opt, scaler=scaler)))
         step, best, mrr_init = ckpt["step"], ckpt["best_mrr"], ckpt["mrr_init"]
         common.print0(f"resumed from {ckpt_path} at step {step}")
-    common.print0(f"{args.mode}: {len(ds)} training pairs in {len(parts)} language(s), {stop} of {total} steps, "
-                  f"global batch {global_batch}, test pool {len(pools['test'][0])} queries x "
-                  f"{len(pools['test'][1])} candidates")
+    common.print0(f"{args.mode}: {len(ds)} training pairs in {len(parts)} language(s), {stop} of {total} steps, global "
+                  f"batch {global_batch}, test pool {len(pools['test'][0])} queries x {len(pools['test'][1])} candidates")
 
     def run_eval(split):
         return evaluate(model, pools[split], args.batch_size, device, args.amp)
@@ -752,8 +779,7 @@ def main(argv=None):
     t0, seen = time.time(), 0
     sampler.start = step
     for batch in ([] if args.eval_only or step >= stop else loader):
-        # from_pretrained returns eval mode, evaluate() leaves it: train with dropout, the momentum encoder too
-        # (official: model.train() every step, its key encoders are submodules).
+        # from_pretrained and evaluate() leave eval mode: train with dropout, momentum encoder too (official, every step)
         model.train()
         if pretrain:
             momentum_model.train()

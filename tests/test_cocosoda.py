@@ -151,7 +151,7 @@ def test_soda_schedule():
 def test_official_dm_protects_special_ids_and_dmst_masks_type_names():
     tok = cs.WordTokenizer.build([{"code_tokens": ["get", "value", "get", "value"], "docstring_tokens": []}])
     # a piece equal to a type name becomes that special token, as the BPE tokenizer splits it out of the text
-    ids, _ = cs.align_types(tok, ["def", "get_name", "(", ")", ":", "return", '"', "value", '"'], None, 16)
+    ids, _ = cs.Corpus(tok, [["def", "get_name", "(", ")", ":", "return", '"', "value", '"']], 16)[0]
     name, quote = tok.name_ids["name"], tok.name_ids['"']
     assert name in ids.tolist() and quote in ids.tolist() and tok.unk_id in ids.tolist()
     # DM at p = 1 without the 80/10/10 split: every id except the prefix and the special ids is masked
@@ -204,7 +204,9 @@ def test_token_types_alignment_and_pooling():
     assert types == ["keyword", "identifier", "separator", "identifier", "separator", "separator", "keyword",
                      "identifier", "operator", "number", "string", "separator"]
     tok = cs.WordTokenizer(cs.WordTokenizer.SPECIALS + ["def", "get", "value", "(", ")", "x"])
-    ids, type_ids = cs.align_types(tok, toks[:5], types[:5], 12)
+    corpus = cs.Corpus(tok, [toks[:5]], 12, "python")
+    ids, type_ids = corpus[0]
+    assert list(corpus.ids) == ids.tolist()[3:9] and corpus.ids.itemsize == 2  # stored: the pieces, 2 bytes each
     kw, ident, sep = (tok.type_ids[t] for t in ("keyword", "identifier", "separator"))
     assert ids.tolist()[:10] == [0, tok.enc_id, 2] + [tok.index[w] for w in ["def", "get", "value", "(", "x", ")"]] + [2]
     assert type_ids.tolist()[3:9] == [kw, ident, ident, sep, ident, sep]  # both pieces of getValue: identifier
@@ -233,7 +235,7 @@ def test_pretrained_path_adds_type_tokens(tmp_path):
     tok, enc = cs.build_encoder(args, [])
     assert isinstance(tok, cs.HFTokenizer) and tok.vocab_size == len(vocab) + 1 + len(cs.TYPES) + len(cs.OFFICIAL_TYPES)
     assert enc.backbone.get_input_embeddings().weight.shape[0] == tok.vocab_size
-    ids, types = cs.align_types(tok, ["def", "get", "(", "x"], ["keyword", "identifier", "separator", "identifier"], 12)
+    ids, types = cs.Corpus(tok, [["def", "get", "(", "x"]], 12, "python")[0]  # keyword, identifier, separator, identifier
     assert ids.tolist()[:8] == [0, tok.enc_id, 2, vocab["def"], vocab["Ġget"], vocab["Ġ("], vocab["Ġx"], 2]
     assert types.tolist()[3:7] == [tok.type_ids[t] for t in ("keyword", "identifier", "separator", "identifier")]
     assert enc.encode(ids[None]).norm(dim=-1).item() == pytest.approx(1.0, abs=1e-5)
@@ -242,9 +244,9 @@ def test_pretrained_path_adds_type_tokens(tmp_path):
 def test_mrr_worked_example():
     scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.5, 0.8], [0.4, 0.6, 0.1]])
     gold = torch.tensor([0, 1, 2])
-    assert abs(cs.mrr(scores, gold) - (1 + 1 / 2 + 1 / 3) / 3) < 1e-6  # 0.6111
-    assert abs(cs.mrr(scores, gold, topk=2) - 0.5) < 1e-6
-    assert abs(cs.recall_at_k(scores, gold, 1) - 1 / 3) < 1e-6 and abs(cs.recall_at_k(scores, gold, 2) - 2 / 3) < 1e-6
+    sums = cs.rank_sums(scores, gold)  # ranks 1, 2, 3: MRR (1 + 1/2 + 1/3) / 3 = 0.6111, hits at 1, 5, 10
+    assert torch.allclose(sums, torch.tensor([1 + 1 / 2 + 1 / 3, 1, 3, 3], dtype=torch.float64))
+    assert cs.rank_sums(scores, gold, topk=2)[0].item() == pytest.approx(1.5)  # top-1000 rule: beyond topk counts 0
 
 
 # --- 2. the pretrained path: trains with dropout on, the momentum encoder too (official) ---
@@ -305,14 +307,15 @@ def _grad_worker(rank, world, init, csn, out):
     torch.set_num_threads(1)
     args = cs.get_args(["--tiny", "--data", csn, "--pretrain-langs", "python", "--dropout", "0",
                         "--batch-size", str(16 // world), "--soda-mode", "paper"])
-    parts, _ = cs.load_data(args)
+    parts, pools = cs.load_data(args)
     common.seed_everything(args.seed)
     tok, model = cs.build_encoder(args, parts[0][1])
+    parts, _ = cs.tokenise(tok, parts, pools, args)
     momentum_model = common.momentum_copy(model)
     g = torch.Generator().manual_seed(3047)
     queues = nn.ModuleDict({k: cs.Queue(model.backbone.config.hidden_size, 32, g) for k in cs.QUEUES})
     ds = cs.CodeSearchDataset(parts, tok, args)
-    sampler = cs.LanguageSampler([len(parts[0][1])], args.batch_size, 8, args.seed)
+    sampler = cs.LanguageSampler([len(ds)], args.batch_size, 8, args.seed)
     for step in (2, 3):  # DMST then DM (both views augmented): the real step function, then enqueue
         sampler.start = step
         batch = torch.utils.data.default_collate([ds[k] for k in list(sampler)[:args.batch_size]])
@@ -339,6 +342,54 @@ def test_two_processes_equal_one_gradients(tmp_path, csn):
         if g is not None:  # (+ 1e-7: the key biases have gradient 0 up to rounding, ~1e-10)
             assert (b["grads"][k] - g).norm() <= 1e-3 * g.norm() + 1e-7, k
     assert_tensors_close(a["queues"], b["queues"], atol=1e-5)
+
+
+def _pool_eval(csn):
+    """evaluate() of a tiny random encoder on the 16 x 16 pool, 3 queries a block, recording the rows this process
+    embedded, the score blocks it ranked and what it gathered."""
+    torch.set_num_threads(1)
+    args = cs.get_args(["--tiny", "--data", csn, "--pretrain-langs", "python"])
+    parts, pools = cs.load_data(args)
+    common.seed_everything(args.seed)
+    tok, model = cs.build_encoder(args, parts[0][1])
+    pool = cs.tokenise(tok, parts, pools, args)[1]["test"]
+    rec, encode, sums, gather = {"embedded": 0, "blocks": [], "gathered": []}, model.encode, cs.rank_sums, common.concat_all_gather
+
+    def encode_rows(ids):
+        rec["embedded"] += len(ids)
+        return encode(ids)
+
+    def ranked(scores, gold):
+        rec["blocks"].append(tuple(scores.shape))
+        return sums(scores, gold)
+
+    def gathered(x):
+        rec["gathered"].append(tuple(x.shape))
+        return gather(x)
+    model.encode, cs.rank_sums, common.concat_all_gather = encode_rows, ranked, gathered
+    try:
+        metrics = cs.evaluate(model, pool, 4, torch.device("cpu"), "none", chunk=3)
+    finally:
+        cs.rank_sums, common.concat_all_gather = sums, gather
+    return {"metrics": metrics, "stored": pool[0].ids.itemsize, **rec}
+
+
+def _pool_worker(rank, world, init, csn, out):
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    torch.save(_pool_eval(csn), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path, csn):
+    """Each process embeds half of the queries and of the candidates (8 + 8 of 16 each), gathers only the candidate
+    embeddings (once, fp32) and scores its queries in (3, 16) blocks; the sums over processes give the one-process
+    MRR and R@k. Token ids are stored in 2 bytes."""
+    mp.spawn(_pool_worker, args=(2, str(tmp_path / "init"), csn, str(tmp_path)), nprocs=2, join=True)
+    two, one = [torch.load(f"{tmp_path}/{r}.pt") for r in range(2)], _pool_eval(csn)
+    assert one["embedded"] == 32 and one["blocks"] == [(3, 16)] * 5 + [(1, 16)] and one["stored"] == 2
+    for t in two:
+        assert t["embedded"] == 16 and t["blocks"] == [(3, 16), (3, 16), (2, 16)] and t["gathered"] == [(8, 64)]
+        assert t["metrics"] == pytest.approx(one["metrics"], abs=1e-12) and one["metrics"]["mrr"] > 0
 
 
 def test_torchrun_two_processes_run_like_one(tmp_path, csn):
@@ -417,8 +468,9 @@ def _fails(argv, expect, ckpt_dir=None):
 
 
 def test_bad_data_files(tmp_path, csn):
-    def load(data):
-        return cs.load_data(cs.get_args(["--tiny", "--data", data, "--pretrain-langs", "python"]))
+    def load(data):  # the files are read when iterated
+        parts, pools = cs.load_data(cs.get_args(["--tiny", "--data", data, "--pretrain-langs", "python"]))
+        return [list(part) for _, part in parts], pools
 
     bad = str(tmp_path / "bad")
     os.makedirs(os.path.join(bad, "python"))
