@@ -612,8 +612,12 @@ def recall_at_k(scores_i2t, scores_t2i, img2txt, txt2img):
     """Official R@K: an image counts when its best-ranked caption is in the top K; a caption needs its image. The rank
     of a column is the number of entries above it plus equal ones to its left (a stable sort), one row at a time."""
     def ranks(scores, positives):  # 0-based rank of the best positive per row
-        return torch.stack([((s > v) | (s == v) & (torch.arange(len(s)) < p[:, None])).sum(1).min()
-                            for s, p in zip(scores.float(), positives) for v in [s[p][:, None]]])
+        out = []
+        for s, p in zip(scores.float(), positives):
+            v = s[p][:, None]  # (P, 1): the score of each positive
+            above = (s > v) | (s == v) & (torch.arange(len(s)) < p[:, None])  # ranked above it (ties: left first)
+            out.append(above.sum(1).min())
+        return torch.stack(out)
     tr = ranks(scores_i2t, [torch.as_tensor(p) for p in img2txt])
     ir = ranks(scores_t2i, [torch.as_tensor([p]) for p in txt2img])
     out = {f"{d}_r{k}": 100 * (r < k).float().mean().item() for d, r in (("txt", tr), ("img", ir)) for k in (1, 5, 10)}
@@ -809,7 +813,8 @@ def main(argv=None):
         metrics_init = evaluate(model, test, tok, args, device, amp)  # the random-init baseline
     net = common.distribute(model, device, args.compile)  # DDP, then compile
     # from_pretrained returns eval mode; official trains with dropout on, momentum model too (evaluate() restores it)
-    model.train(), model_m.train()
+    model.train()
+    model_m.train()
 
     def save(name="checkpoint.pt", **extra):  # a collective: every rank calls it
         common.save_checkpoint(os.path.join(args.output_dir, name), "albef", step, {

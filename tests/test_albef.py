@@ -186,6 +186,8 @@ def test_recall_at_k_worked_example_and_rerank():
     r = albef.recall_at_k(s_i2t, s_i2t.T, [[0, 1], [2, 3]], [0, 0, 1, 1])
     assert (r["txt_r1"], r["txt_r5"], r["img_r1"], r["img_r5"]) == pytest.approx((50, 100, 25, 100))
     assert r["r_mean"] == pytest.approx(((50 + 100 + 100) / 3 + (25 + 100 + 100) / 3) / 2)
+    ties = T([[-100.0, -100.0, -100.0]])  # ties rank left first (a stable sort): column 0 first, column 2 third
+    assert [albef.recall_at_k(ties, ties, [[c]], [0, 0, 0])["txt_r1"] for c in (0, 2)] == [100, 0]
     sims = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
     calls = []
 
