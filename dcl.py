@@ -10,11 +10,12 @@ There is no official code: the loss is the paper's Eq. 6 with lightly's conventi
 fix: mean over anchors, one log-sum-exp), except that DCLW weights here use the global batch, lightly's the local one.
 
 Implemented here: Eq. 6 (the DCL loss) in `dcl_loss`; the DCLW weight w_i = 2 - N softmax_j(<z_j1, z_j2>/sigma)_i in
-`vmf_weights` and `dclw_loss`; SimCLR's NT-Xent in `nt_xent_loss`. Every loss is the mean over the 2N anchors
-(both directions), normalises its inputs, runs in fp32 with autocast off, and takes one log-sum-exp over the
-negatives of both views. The projection head is lightly's 2-layer SimCLRProjectionHead (with BatchNorm after
-both linears). Training: SimCLR's LARS, lr = --lr * sqrt(GLOBAL batch), weight decay 1e-6, 10 warmup epochs then
-cosine. Evaluation: weighted kNN (k=200, t=0.1) and a linear probe, both on frozen backbone features.
+`vmf_weights` and `dclw_loss`; SimCLR's NT-Xent in `nt_xent_loss`. Every loss is the mean over the 2N anchors (both
+directions), normalises its inputs, runs in fp32 with autocast off, and takes one log-sum-exp over the negatives of
+both views. The projection head is lightly's 2-layer SimCLRProjectionHead (with BatchNorm after both linears).
+SimCLR's augmentations: `SimCLRViews` in the worker, `colour_augment` on the device. Training: SimCLR's LARS, lr =
+--lr * sqrt(GLOBAL batch), weight decay 1e-6, 10 warmup epochs then cosine. Evaluation: weighted kNN (k=200, t=0.1)
+and a linear probe, both on frozen backbone features.
 
 --batch-size is per process. The paper's headline run is ResNet-50, global batch 256, 200 epochs:
   python dcl.py --tiny                                                          # CPU smoke run
@@ -36,7 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import ImageFilter
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -65,10 +65,8 @@ def get_args(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the online model (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate the checkpoint in --output-dir (or the untrained model)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps; 0 = evaluate the untrained model")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --output-dir's checkpoint (else: untrained)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps; 0: evaluate the untrained model")
     p.add_argument("--tiny", action="store_true", help="small CNN, short schedule, small synthetic data: CPU smoke run")
     p.add_argument("--log-every", type=int, default=50)
     m = p.add_argument_group("method")
@@ -86,15 +84,12 @@ def get_args(argv=None):
     m.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warmup before the cosine decay (SimCLR)")
     m.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted kNN evaluation [lib: lightly]")
     m.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN vote weights [lib]")
-    m.add_argument("--probe-epochs", type=int, default=100,
-                   help="linear probe epochs on frozen features [lib: raminnakhli]")
+    m.add_argument("--probe-epochs", type=int, default=100, help="epochs of the linear probe [lib: raminnakhli]")
     m.add_argument("--probe-lr", type=float, default=0.1, help="linear probe SGD lr (standardised features) [inferred]")
     args = p.parse_args(argv)
     given = {a.dest for a in p._actions for s in (sys.argv[1:] if argv is None else argv)
              if str(s).split("=")[0] in a.option_strings}  # flags given on the command line win over the preset
-    for k, v in TINY.items() if args.tiny else ():
-        if k not in given:
-            setattr(args, k, v)
+    vars(args).update({k: v for k, v in TINY.items() if k not in given} if args.tiny else {})
     return args
 
 
@@ -193,9 +188,9 @@ def load_datasets(args):
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class TwoViews(torch.utils.data.Dataset):
-    """(index, sample_seed) from common.ResumableSampler -> two augmented views; seeding makes them depend on
-    (seed, epoch, index) only, so resume is exact and two processes see the one-process global batch."""
+class Seeded(torch.utils.data.Dataset):
+    """(index, sample_seed) from common.ResumableSampler, or an index (evaluation: seed 0) -> (transform(image), label),
+    draws seeded: they depend on (seed, epoch, index) only (exact resume; two processes see one process's batch)."""
 
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -204,42 +199,34 @@ class TwoViews(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        index, sample_seed = key
-        image = self.base[index][0]
+        index, sample_seed = key if isinstance(key, tuple) else (key, 0)
+        image, label = self.base[index]
         with common.seeded(sample_seed):
-            return self.transform(image), self.transform(image)
+            return self.transform(image), label
 
 
-def to_device(x, device):
-    """uint8 images (B, 3, H, W) -> normalised float on the device (channels_last for the CNNs on CUDA), without
-    blocking the host: the workers hand over 4x fewer bytes than float crops."""
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    x = x.to(device, non_blocking=True, memory_format=fmt).float().div_(255)
+def to_device(x, device, params=None):
+    """uint8 images (B, 3, H, W) -> float on the device, colour-augmented when the worker's params are given
+    (colour_augment), normalised (channels_last for the CNNs on CUDA): the workers hand over 4x fewer bytes."""
+    x = x.to(device, non_blocking=True).float().div_(255)
+    x = x if params is None else colour_augment(x, params.to(device, non_blocking=True))
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (MEAN, STD))
-    return (x - mean) / std
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last if device.type == "cuda" else
+                                         torch.contiguous_format)
 
 
 # --- Model ---
-class SmallCNN(nn.Module):
-    """--tiny backbone: four 3x3 conv-BN-ReLU layers (32 -> 4 px) and global average pooling."""
-
-    def __init__(self, widths=(32, 64, 64, 128)):
-        super().__init__()
+def build_backbone(arch, image_size):
+    """SimCLR's encoder f: a randomly initialised torchvision ResNet without its classifier, or (--tiny) four 3x3
+    conv-BN-ReLU layers (32 -> 4 px) and global average pooling. Its width is net.dim."""
+    if arch == "cnn":
         layers, c = [], 3
-        for i, w in enumerate(widths):
+        for i, w in enumerate((32, 64, 64, 128)):
             layers += [nn.Conv2d(c, w, 3, 1 if i == 0 else 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c = w
-        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.dim = c
-
-    def forward(self, x):
-        return self.net(x)
-
-
-def build_backbone(arch, image_size):
-    """SimCLR's encoder f: a randomly initialised torchvision ResNet without its classifier, or the small CNN."""
-    if arch == "cnn":
-        return SmallCNN()
+        net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        net.dim = c
+        return net
     net = getattr(torchvision.models, arch)(weights=None)
     if image_size <= 64:  # SimCLR App. B.9 (CIFAR): a 3x3 stride-1 first conv and no max-pool keep small images' detail
         net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
@@ -248,10 +235,9 @@ def build_backbone(arch, image_size):
 
 
 class SimCLR(nn.Module):
-    """Encoder f and projection head g. The SimCLR paper writes g(h) = W2 ReLU(W1 h) (Sec. 2.1); this g is lightly's
-    SimCLRProjectionHead with 2 layers (batch_norm=True, the head of lightly's DCL benchmarks): Linear-BN-ReLU-
-    Linear-BN, both linears without bias, hidden width = f's width. The loss sees z = g(f(x)); evaluation uses the
-    representation f(x)."""
+    """Encoder f and projection head g. SimCLR writes g(h) = W2 ReLU(W1 h) (Sec. 2.1); this g is lightly's 2-layer
+    SimCLRProjectionHead (batch_norm=True, as lightly's DCL benchmarks): Linear-BN-ReLU-Linear-BN, linears without
+    bias, hidden width = f's width. The loss sees z = g(f(x)); evaluation uses the representation f(x)."""
 
     def __init__(self, arch, image_size, proj_dim):
         super().__init__()
@@ -265,31 +251,60 @@ class SimCLR(nn.Module):
 
 
 # --- Method ---
-def simclr_transform(size):
-    """SimCLR's augmentations (Chen et al. 2020, App. A): crop 0.08-1, flip, colour jitter (strength 1; 0.5 for
-    small images) p=0.8, grayscale p=0.2, Gaussian blur p=0.5 on large images only (the CIFAR variant omits it).
-    PIL images (real data) stay PIL through every op, the fastest path; the result is a uint8 tensor."""
-    s = 1.0 if size > 64 else 0.5
-    blur = [RandomGaussianBlur(size // 20 * 2 + 1)] if size > 64 else []
-    return v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
-                       v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-                       v2.RandomGrayscale(p=0.2), *blur, v2.PILToTensor()])  # uint8 out; tensors pass through
+class SimCLRViews:
+    """SimCLR's augmentations (Chen et al. 2020, App. A), the worker part: RandomResizedCrop 0.08-1, flip (PIL ops on
+    PIL images, torchvision's on tensors), colour draws (colour_params: jitter strength 1, 0.5 up to 64 px; blur above
+    64 px only, as SimCLR's CIFAR variant). image -> two views, each (uint8 image (3, S, S), params (11,))."""
+
+    def __init__(self, size):
+        self.crop = v2.Compose([v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                                v2.RandomHorizontalFlip(), v2.PILToTensor()])  # uint8 out; tensors pass through
+        self.colour = functools.partial(colour_params, 1.0 if size > 64 else 0.5, size > 64)
+
+    def __call__(self, image):
+        return tuple((self.crop(image), self.colour()) for _ in range(2))
 
 
-class RandomGaussianBlur:
-    """With p 0.5, a Gaussian blur of sigma U(0.1, 2): PIL's GaussianBlur (radius = sigma, the kernel is not
-    truncated; SimCLR's kernel of 10% of the image covers more than 5 sigma) on PIL images, torchvision's on tensors."""
+def colour_params(strength=1.0, blur=True):
+    """One view's draws of SimCLR's colour distortion, in the worker (they follow its per-sample seed): ColorJitter
+    (0.8 s, 0.8 s, 0.8 s, 0.2 s) w.p. 0.8 (as its get_params: the 4 ops in a random permutation, brightness, contrast,
+    saturation U(1 - 0.8 s, 1 + 0.8 s), hue U(-0.2 s, 0.2 s)), grayscale w.p. 0.2, blur w.p. 0.5 of sigma U(0.1, 2).
+    -> (11,): [jitter on, order (4; 0 brightness 1 contrast 2 saturation 3 hue), factors (4, by op), grey, sigma]."""
+    on, order, s = torch.rand(()) < 0.8, torch.randperm(4), torch.tensor([0.8, 0.8, 0.8, 0.2]) * strength
+    factors = torch.tensor([1.0, 1.0, 1.0, 0.0]) + s * (2 * torch.rand(4) - 1)  # U(1 - s, 1 + s), hue U(-s, s)
+    grey, blurred, sigma = torch.rand(()) < 0.2, torch.rand(()) < 0.5, torch.empty(()).uniform_(0.1, 2.0)
+    return torch.cat([on[None], order, factors, grey[None], sigma[None] * (blurred & blur)]).float()
 
-    def __init__(self, kernel):
-        self.kernel = kernel
 
-    def __call__(self, img):
-        if torch.rand(()) >= 0.5:
-            return img
-        sigma = float(torch.empty(()).uniform_(0.1, 2.0))
-        if isinstance(img, torch.Tensor):
-            return v2.functional.gaussian_blur(img, [self.kernel] * 2, [sigma])
-        return img.filter(ImageFilter.GaussianBlur(sigma))
+def _hue_shift(x, shift):
+    """torchvision's adjust_hue, batched: RGB -> HSV, hue + shift (B, 1, 1, 1) modulo 1, HSV -> RGB in closed form."""
+    (r, g, b), v = x.unbind(1), x.amax(1)
+    chroma = (v - x.amin(1)).clamp_min(1e-12)  # (B, H, W); value and chroma are kept (grey pixels: hue 0)
+    h6 = torch.where(v == r, (g - b) / chroma, torch.where(v == g, 2 + (b - r) / chroma, 4 + (r - g) / chroma))
+    k = (x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6[:, None] + 6 * shift) % 6
+    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+@torch.no_grad()
+def colour_augment(x, params):
+    """SimCLR's colour distortion on the device, batched, with the worker's draws (colour_params): torchvision's
+    adjust_brightness / contrast / saturation / hue in each view's order, rgb_to_grayscale, gaussian_blur (separable,
+    reflect padding), on floats. x (B, 3, H, W) in [0, 1], params (B, 11) -> (B, 3, H, W) in [0, 1]."""
+    on, hue, grey, sigma = (params[:, i].view(-1, 1, 1, 1) for i in (0, 8, 9, 10))
+    for i in range(4):  # the four ops in each view's drawn order (ColorJitter's permutation)
+        op = params[:, 1 + i].long()
+        f, op = params[:, 5:9].gather(1, op[:, None]).view(-1, 1, 1, 1), op.view(-1, 1, 1, 1)
+        luma = v2.functional.rgb_to_grayscale(x)
+        ref = (op == 2) * luma + (op == 1) * luma.mean((2, 3), keepdim=True)  # black, mean grey or per-pixel grey
+        y = torch.where(op == 3, _hue_shift(x, hue), torch.lerp(ref, x, f).clamp(0, 1))  # blend: f x + (1 - f) ref
+        x = torch.where(on > 0, y, x)
+    x = torch.where(grey > 0, v2.functional.rgb_to_grayscale(x).expand_as(x), x)
+    r = x.shape[-1] // 20  # SimCLR's kernel, 10% of the side: 2 r + 1 taps (23 at 224 px: 5.5 sigma at sigma 2)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device) / sigma.view(-1, 1).clamp_min(1e-3)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)[:, None]  # (B * 3, 1, taps): per view and channel
+    y = F.pad(x, (r,) * 4, mode="reflect").flatten(0, 1)[None]  # (1, B * 3, H + 2r, W + 2r)
+    y = F.conv2d(F.conv2d(y, k[:, :, None], groups=len(k)), k[..., None], groups=len(k))
+    return y.view_as(x)  # sigma 0: the kernel is 1 at the centre, exactly 0 elsewhere
 
 
 def _contrastive_loss(z1, z2, temperature, weight_fn=None, keep_positive=False, gather=False):
@@ -383,20 +398,6 @@ def eval_transform(size):
     return v2.Compose([*resize, v2.ToImage(), v2.ToPureTensor()])  # PIL ops on PIL images
 
 
-class Labelled(torch.utils.data.Dataset):
-    """index -> (eval-transformed image, label) for the kNN memory bank and the linear probe."""
-
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, index):
-        image, label = self.base[index]
-        return self.transform(image), label
-
-
 @torch.no_grad()
 def extract_features(backbone, dataset, device, amp, batch_size=256, workers=0, gather=True):
     """Frozen features and labels, in eval mode (BatchNorm statistics untouched). Every process embeds a contiguous
@@ -453,9 +454,8 @@ def linear_probe(train_f, train_y, val_f, val_y, classes, epochs, lr, batch_size
     first = common.get_rank() * math.ceil(n / common.get_world_size())
     f64 = train_f.double()  # mean and (unbiased) std of the whole set, from sums over the shards
     s = common.all_reduce_sum(torch.stack([f64.sum(0), (f64 ** 2).sum(0)]))
-    mean = s[0] / n
-    std = ((s[1] - n * mean ** 2) / (n - 1)).clamp_min(0).sqrt().float() + 1e-6
-    mean = mean.float()
+    mean, var = s[0] / n, (s[1] - s[0] ** 2 / n) / (n - 1)
+    mean, std = mean.float(), var.clamp_min(0).sqrt().float() + 1e-6
     with common.seeded(0):  # the same probe for the same features, whatever the training consumed
         clf = nn.Linear(val_f.shape[1], classes).to(val_f.device)
     opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
@@ -490,12 +490,14 @@ def evaluate(backbone, memory_set, val_set, classes, args, device, amp):
 
 
 # --- Train ---
-def train_step(train_model, optimizer, scaler, x1, x2, loss_fn, device, amp):
-    """One SimCLR step: both views in one forward pass (BatchNorm sees the 2B images, as SimCLR), the loss over the
-    global batch in fp32 outside autocast, backward (DDP averages the gradients over processes), the optimizer
-    step. No host synchronisation; returns the detached (loss, z1, z2)."""
+def train_step(train_model, optimizer, scaler, views, loss_fn, device, amp):
+    """One SimCLR step: both views ((uint8 images, colour params) each) colour-augmented as one batch outside the
+    compiled model, one forward pass (BatchNorm sees the 2B images, as SimCLR), the global-batch loss in fp32 outside
+    autocast, backward (DDP averages the gradients), the optimizer step. No host sync; returns (loss, z1, z2)."""
+    x, params = (torch.cat(t) for t in zip(*views))
+    x = to_device(x, device, params)  # before autocast: the colour ops (the blur's conv) stay fp32
     with common.autocast(device, amp):
-        z1, z2 = train_model(torch.cat([to_device(x1, device), to_device(x2, device)])).chunk(2)
+        z1, z2 = train_model(x).chunk(2)
     loss = loss_fn(z1, z2)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -532,26 +534,23 @@ def main(argv=None):
     # after the models: a resumed run restores this rank's RNG state over the initialisation's draws
     state = common.load_checkpoint(ckpt_path, "dcl", resume=not args.eval_only)
 
-    eval_data = (Labelled(train_set, eval_transform(size)), Labelled(val_set, eval_transform(size)), classes, args,
-                 device, amp)
+    eval_data = (*(Seeded(s, eval_transform(size)) for s in (train_set, val_set)), classes, args, device, amp)
     step, init_metrics = 0, {}
     if state is not None:
-        common.restore(state, ckpt_path, model=model)
-        if not args.eval_only:
-            common.restore(state, ckpt_path, optimizer=optimizer, scaler=scaler)
+        objects = {"model": model} if args.eval_only else {"model": model, "optimizer": optimizer, "scaler": scaler}
+        common.restore(state, ckpt_path, **objects)
         step, init_metrics = state["step"], state["metrics_init"]
         common.print0(f"loaded {ckpt_path} (step {step})")
     elif args.tiny:  # the random-initialisation baseline, printed beside the trained numbers
         init_metrics = evaluate(model.backbone, *eval_data)
 
-    loader = torch.utils.data.DataLoader(TwoViews(train_set, simclr_transform(size)), batch_size=args.batch_size,
+    loader = torch.utils.data.DataLoader(Seeded(train_set, SimCLRViews(size)), batch_size=args.batch_size,
                                          sampler=sampler, num_workers=args.workers, drop_last=True,
                                          pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     steps_per_epoch = sampler.steps_per_epoch
     schedule = common.cosine_schedule(lr, 0.0, args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch)
     total = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, len(schedule))
-    if args.eval_only:
-        total = step
+    total = step if args.eval_only else total
 
     train_model = common.distribute(model, device, args.compile)  # DDP, then torch.compile
     loss_fn = loss_function(args)
@@ -559,22 +558,16 @@ def main(argv=None):
                   f"lr {lr:.4g} | {len(train_set)} images, {classes} classes, {size} px | "
                   f"{steps_per_epoch} steps/epoch, {total} steps")
 
-    def save():  # a collective: every rank calls it; refuses to overwrite with non-finite parameters
-        common.save_checkpoint(ckpt_path, "dcl", step, {
-            "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "metrics_init": init_metrics},
-            finite=[model])
-
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="dcl")
     t0, seen = time.time(), 0
     model.train()  # the one place: evaluation restores the mode it found, but a model starts training here
     while step < total:
         epoch = step // steps_per_epoch
         sampler.set_epoch(epoch, step - epoch * steps_per_epoch)
-        for x1, x2 in loader:
+        for views, _ in loader:
             for group in optimizer.param_groups:
                 group["lr"] = schedule[step]
-            loss, z1, z2 = train_step(train_model, optimizer, scaler, x1, x2, loss_fn, device, amp)
+            loss, z1, z2 = train_step(train_model, optimizer, scaler, views, loss_fn, device, amp)
             step, seen = step + 1, seen + global_batch
             bar.update()
             if step % args.log_every == 0 or step == total or step % steps_per_epoch == 0:  # also before every save
@@ -591,15 +584,17 @@ def main(argv=None):
                 t0, seen = time.time(), 0
             if step == total:
                 break
-        save()  # at every epoch end and when --max-steps stops the run
+        common.save_checkpoint(ckpt_path, "dcl", step, {  # at every epoch end and when --max-steps stops the run
+            "args": vars(args), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "metrics_init": init_metrics},
+            finite=[model])  # a collective (every rank calls it); refuses to overwrite with non-finite parameters
     bar.close()
 
     metrics = evaluate(model.backbone, *eval_data)  # every process embeds its shard
     metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
-    if rank == 0:
-        common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-        common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
-        print("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()), flush=True)
+    common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)  # these three: rank 0 only
+    common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
+    common.print0("  ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
     common.cleanup_distributed()
 
 

@@ -132,13 +132,13 @@ def _sgd_step(per_rank):
     torch.manual_seed(0)
     model = dcl.SimCLR("cnn", 32, 16).eval()
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    data = dcl.TwoViews(dcl.SyntheticShapes(64, seed=0), dcl.simclr_transform(32))
-    x1, x2 = next(iter(torch.utils.data.DataLoader(data, batch_size=per_rank,
-                                                   sampler=common.ResumableSampler(64, per_rank, seed=0))))
+    data = dcl.Seeded(dcl.SyntheticShapes(64, seed=0), dcl.SimCLRViews(32))
+    views, _ = next(iter(torch.utils.data.DataLoader(data, batch_size=per_rank,
+                                                     sampler=common.ResumableSampler(64, per_rank, seed=0))))
     cpu = torch.device("cpu")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     loss_fn = dcl.loss_function(dcl.get_args(["--loss", "dclw", "--temperature", "0.2"]))
-    dcl.train_step(common.distribute(model, cpu), optimizer, torch.amp.GradScaler("cpu", enabled=False), x1, x2,
+    dcl.train_step(common.distribute(model, cpu), optimizer, torch.amp.GradScaler("cpu", enabled=False), views,
                    loss_fn, cpu, "none")
     return {k: before[k] - p.detach() for k, p in model.named_parameters()}
 
@@ -187,15 +187,74 @@ def test_two_processes_give_the_one_process_gradients():
 
 
 def test_views_leave_the_worker_as_uint8_and_are_normalised_on_the_device():
-    """Real (PIL) images stay PIL through SimCLR's ops and leave as uint8 (4x fewer bytes than float views);
-    to_device normalises with the ImageNet statistics."""
+    """Real (PIL) images leave the worker as two uint8 views (4x fewer bytes than float views) with their colour
+    draws; to_device normalises with the ImageNet statistics."""
     from torchvision.transforms.functional import to_pil_image
-    view = dcl.simclr_transform(224)(to_pil_image(torch.rand(3, 375, 500)))
-    assert view.shape == (3, 224, 224) and view.dtype == torch.uint8
+    views = dcl.SimCLRViews(224)(to_pil_image(torch.rand(3, 375, 500)))
+    assert [(v.shape, v.dtype, q.shape) for v, q in views] == [((3, 224, 224), torch.uint8, (11,))] * 2
     x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(1, 3, 1, 2)
     want = (torch.tensor([0.0, 1.0]).view(1, 1, 1, 2) - torch.tensor(dcl.MEAN).view(1, 3, 1, 1)) / \
         torch.tensor(dcl.STD).view(1, 3, 1, 1)
     torch.testing.assert_close(dcl.to_device(x, torch.device("cpu")), want)
+
+
+def _torchvision_colour(x, p, taps):
+    """The colour part applied view by view with torchvision's functional ops on float images: the reference."""
+    from torchvision.transforms.v2 import functional as TF
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    out = []
+    for img, q in zip(x, p):
+        for op in q[1:5].long().tolist() if q[0] else []:
+            img = ops[op](img, float(q[5 + op]))
+        img = TF.rgb_to_grayscale(img, 3) if q[9] else img
+        out.append(TF.gaussian_blur(img, [taps] * 2, [float(q[10])] * 2) if q[10] else img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("size, s", [(224, 1.0), (32, 0.5)])
+def test_colour_draws_are_simclrs(size, s):
+    """SimCLRViews draws in the worker, per view: jitter w.p. 0.8 with ColorJitter(0.8 s, 0.8 s, 0.8 s, 0.2 s)'s
+    ranges (s = 1, 0.5 for small images) and a uniformly random order of the 4 ops, grayscale w.p. 0.2, blur w.p.
+    0.5 of sigma U(0.1, 2) above 64 px only; the views leave the worker as uint8 with their draws."""
+    n, views = 6000, dcl.SimCLRViews(size)
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    with common.seeded(0):
+        pairs = [views(image) for _ in range(n // 2)]
+    assert all(v.shape == (3, size, size) and v.dtype == torch.uint8 and q.shape == (11,) for p in pairs for v, q in p)
+    p = torch.stack([q for pair in pairs for _, q in pair])
+    assert abs(p[:, 0].mean() - 0.8) < 0.02 and abs(p[:, 9].mean() - 0.2) < 0.02
+    blurred = p[:, 10][p[:, 10] > 0]
+    if size > 64:
+        assert abs(len(blurred) / n - 0.5) < 0.02 and 0.1 <= blurred.min() < 0.12 and 1.98 < blurred.max() <= 2.0
+    else:
+        assert len(blurred) == 0  # SimCLR's CIFAR variant: no blur
+    lo, hi = p[:, 5:9].min(0).values, p[:, 5:9].max(0).values
+    torch.testing.assert_close(lo, torch.tensor([1 - 0.8 * s] * 3 + [-0.2 * s]), atol=3e-3, rtol=0)
+    torch.testing.assert_close(hi, torch.tensor([1 + 0.8 * s] * 3 + [0.2 * s]), atol=3e-3, rtol=0)
+    torch.testing.assert_close(p[:, 5:9].mean(0), torch.tensor([1.0, 1.0, 1.0, 0.0]), atol=0.02, rtol=0)
+    assert (p[:, 1:5].sort(1).values == torch.arange(4.0)).all()  # every order is a permutation of the 4 ops
+    _, counts = torch.unique(p[:, 1:5], dim=0, return_counts=True)
+    assert len(counts) == 24 and (counts - n / 24).abs().max() < 5 * (n / 24) ** 0.5  # uniform over the 24
+
+
+def test_colour_augment_matches_torchvision_ops():
+    """colour_augment on a batch, each view with its own draws, equals torchvision's adjust_brightness / contrast /
+    saturation / hue in the view's order, rgb_to_grayscale and gaussian_blur with SimCLR's kernel (10% of the side:
+    2 * (112 // 20) + 1 = 11 taps) applied view by view; to_device then normalises."""
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(6, 3, 5, 6, generator=g), size=(96, 112), mode="bicubic").clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8)
+    p = torch.tensor([  # on, order (0 brightness 1 contrast 2 saturation 3 hue), factors by op, grey, sigma
+        [1, 0, 1, 2, 3, 1.6, 0.4, 1.7, 0.15, 0, 0], [1, 3, 2, 1, 0, 0.3, 1.8, 0.2, -0.2, 0, 0.7],
+        [1, 1, 3, 0, 2, 0.9, 1.3, 0.5, 0.05, 1, 0], [1, 2, 0, 3, 1, 1.2, 0.6, 1.4, -0.1, 0, 2.0],
+        [0, 3, 0, 1, 2, 1.8, 0.2, 1.8, 0.2, 0, 0], [1, 3, 1, 2, 0, 1.1, 1.5, 0.3, 0.19, 1, 1.3]])
+    want = _torchvision_colour(x.float() / 255, p, 11)
+    got = dcl.colour_augment(x.float() / 255, p)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    change = (got - x.float() / 255).abs().amax((1, 2, 3))
+    assert change[4] == 0 and (change[torch.arange(6) != 4] > 0.05).all()  # jitter off, no grey, no blur: unchanged
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (dcl.MEAN, dcl.STD))
+    torch.testing.assert_close(dcl.to_device(x, torch.device("cpu"), p), (want - mean) / std, atol=1e-4, rtol=0)
 
 
 def test_lars_step_matches_formula():
@@ -222,7 +281,7 @@ def test_knn_probe_and_backbone_untouched():
     # evaluate() on a BatchNorm model in train mode: no parameter or running statistic changes, mode restored
     model = dcl.SimCLR("cnn", 32, 16)
     data = dcl.SyntheticShapes(40, seed=3)
-    labelled = dcl.Labelled(data, dcl.eval_transform(32))
+    labelled = dcl.Seeded(data, dcl.eval_transform(32))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = dcl.get_args(["--knn-k", "5", "--probe-epochs", "2", "--workers", "0"])
     metrics = dcl.evaluate(model.backbone, labelled, labelled, 10, args, torch.device("cpu"), "none")
@@ -268,16 +327,17 @@ def one_process_dir(tmp_path_factory):
 
 def test_torchrun_two_processes_and_resume_needs_the_same_world(tmp_path, one_process_dir):
     """torchrun with 2 x 16 runs main end to end: the global batch and the lr of the GLOBAL batch are printed, the
-    first loss agrees with one process on the same 32 images (to ~2%: on CPU BatchNorm statistics are per process;
-    the exact gradient check is test_two_processes_give_the_one_process_gradients), and the checkpoint holds both
-    ranks. Resuming it in one process is refused with a one-line error, the checkpoint untouched."""
+    first loss agrees with one process on the same 32 images (to a few %: on CPU BatchNorm statistics are per
+    process, 1-5% apart over seeds; the exact gradient check is test_two_processes_give_the_one_process_gradients),
+    and the checkpoint holds both ranks. Resuming it in one process is refused with a one-line error, the checkpoint
+    untouched."""
     two = str(tmp_path / "two")
     p = run_torchrun("dcl.py", *STEP_ARGS, "--batch-size", "16", "--output-dir", two)
     lr = dcl.TINY["lr"] * math.sqrt(32)  # the lr of the global batch, not of the 16 per process
     assert "global batch 32 = 16 x 2" in p.stdout and f"lr {lr:.4g}" in p.stdout, p.stdout[-2000:]
     l1, l2 = read_log(one_process_dir), read_log(two)
     assert l1[0]["step"] == l2[0]["step"] == 1
-    assert l2[0]["loss"] == pytest.approx(l1[0]["loss"], rel=0.04)
+    assert l2[0]["loss"] == pytest.approx(l1[0]["loss"], rel=0.07)
     c2 = load_ckpt(two)
     assert c2["step"] == 2 and c2["world_size"] == 2 and len(c2["ranks"]) == 2
     with open(os.path.join(two, "checkpoint.pt"), "rb") as f:
@@ -399,7 +459,7 @@ def _dcl_sharded_eval():
     """evaluate() on a fixed random backbone, its probe's classifier recorded, and this process's feature shard."""
     torch.manual_seed(0)
     backbone = dcl.SimCLR("cnn", 32, 16).backbone
-    train, val = (dcl.Labelled(dcl.SyntheticShapes(n, seed=s), dcl.eval_transform(32)) for n, s in ((101, 0), (40, 1)))
+    train, val = (dcl.Seeded(dcl.SyntheticShapes(n, seed=s), dcl.eval_transform(32)) for n, s in ((101, 0), (40, 1)))
     shard = dcl.extract_features(backbone, train, torch.device("cpu"), "none", gather=False)[0]
     made, linear = [], torch.nn.Linear
 

@@ -156,23 +156,69 @@ def test_lars_one_step_matches_the_larc_formula():
     assert torch.allclose(zero.detach(), T([-2.0, 2.0]))
 
 
-def test_blur_is_the_official_pil_blur_and_real_images_stay_pil():
-    """PILRandomGaussianBlur: p 0.5, PIL radius (= sigma) U(0.1, 2); PIL images go through PIL ops only and leave
-    the worker as uint8 tensors, large crops first."""
-    from PIL import Image, ImageFilter
-    calls, orig = [], ImageFilter.GaussianBlur
-    ImageFilter.GaussianBlur = lambda r: calls.append(r) or orig(r)
-    try:
-        img, blur = Image.new("RGB", (40, 30), (90, 20, 200)), swav.RandomGaussianBlur()
-        with common.seeded(0):
-            outs = [blur(img) for _ in range(2000)]
-    finally:
-        ImageFilter.GaussianBlur = orig
-    assert abs(len(calls) / 2000 - 0.5) < 0.03 and 0.1 <= min(calls) < 0.15 and 1.95 < max(calls) <= 2.0
-    assert all(isinstance(o, Image.Image) for o in outs)
+def _torchvision_colour(x, p, taps):
+    """The colour part applied crop by crop with torchvision's functional ops on float images: the reference."""
+    from torchvision.transforms.v2 import functional as TF
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    out = []
+    for img, q in zip(x, p):
+        for op in q[1:5].long().tolist() if q[0] else []:
+            img = ops[op](img, float(q[5 + op]))
+        img = TF.rgb_to_grayscale(img, 3) if q[9] else img
+        out.append(TF.gaussian_blur(img, [taps] * 2, [float(q[10])] * 2) if q[10] else img)
+    return torch.stack(out)
+
+
+def test_colour_draws_are_the_official_distribution():
+    """colour_params, drawn in the worker: jitter w.p. 0.8 with ColorJitter(0.8, 0.8, 0.8, 0.2)'s ranges and a
+    uniformly random order of the 4 ops, grayscale w.p. 0.2, blur w.p. 0.5 of sigma U(0.1, 2) (none on crops of
+    64 px or less); the worker hands uint8 crops and their draws, large crops first, the same for the same seed."""
+    n = 12000
+    with common.seeded(0):
+        p = torch.stack([swav.colour_params() for _ in range(n)])
+    assert abs(p[:, 0].mean() - 0.8) < 0.015 and abs(p[:, 9].mean() - 0.2) < 0.015
+    blurred = p[:, 10][p[:, 10] > 0]
+    assert abs(len(blurred) / n - 0.5) < 0.015 and 0.1 <= blurred.min() < 0.11 and 1.99 < blurred.max() <= 2.0
+    lo, hi = p[:, 5:9].min(0).values, p[:, 5:9].max(0).values
+    torch.testing.assert_close(lo, T([0.2, 0.2, 0.2, -0.2]), atol=2e-3, rtol=0)  # brightness, contrast, saturation,
+    torch.testing.assert_close(hi, T([1.8, 1.8, 1.8, 0.2]), atol=2e-3, rtol=0)  # hue: uniform in these ranges
+    torch.testing.assert_close(p[:, 5:9].mean(0), T([1.0, 1.0, 1.0, 0.0]), atol=0.02, rtol=0)
+    assert (p[:, 1:5].sort(1).values == torch.arange(4.0)).all()  # every order is a permutation of the 4 ops
+    _, counts = torch.unique(p[:, 1:5], dim=0, return_counts=True)
+    assert len(counts) == 24 and (counts - n / 24).abs().max() < 5 * (n / 24) ** 0.5  # uniform over the 24
+    with common.seeded(0):
+        assert all(swav.colour_params(blur=False)[10] == 0 for _ in range(200))
     photo = to_pil_image(torch.rand(3, 375, 500))
-    crops = swav.multicrop_transform()(photo)
-    assert [c.shape for c in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6 and all(c.dtype == torch.uint8 for c in crops)
+    t = swav.multicrop_transform()
+    with common.seeded(5):
+        crops = t(photo)
+    with common.seeded(5):
+        again = t(photo)
+    assert [c.shape for c, _ in crops] == [(3, 224, 224)] * 2 + [(3, 96, 96)] * 6
+    assert all(c.dtype == torch.uint8 and q.shape == (11,) for c, q in crops)
+    assert all(torch.equal(a, b) and torch.equal(q, r) for (a, q), (b, r) in zip(crops, again))
+
+
+def test_colour_augment_matches_torchvision_ops():
+    """colour_augment on a batch, each crop with its own draws, equals torchvision's adjust_brightness / contrast /
+    saturation / hue in the crop's order, rgb_to_grayscale and gaussian_blur (13 taps) applied crop by crop; to_input
+    then normalises with the official SwAV statistics."""
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.rand(8, 3, 5, 6, generator=g), size=(40, 48), mode="bicubic").clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8)
+    p = T([  # on, order (0 brightness 1 contrast 2 saturation 3 hue), factors by op, grey, sigma
+        [1, 0, 1, 2, 3, 1.6, 0.4, 1.7, 0.15, 0, 0], [1, 3, 2, 1, 0, 0.3, 1.8, 0.2, -0.2, 0, 0.7],
+        [1, 1, 3, 0, 2, 0.9, 1.3, 0.5, 0.05, 1, 0], [1, 2, 0, 3, 1, 1.2, 0.6, 1.4, -0.1, 0, 2.0],
+        [0, 3, 0, 1, 2, 1.8, 0.2, 1.8, 0.2, 0, 0], [0, 0, 1, 2, 3, 1.0, 1.0, 1.0, 0.0, 1, 0.1],
+        [1, 3, 1, 2, 0, 1.1, 1.5, 0.3, 0.19, 0, 1.3], [1, 0, 3, 2, 1, 0.5, 0.9, 1.6, -0.17, 1, 0.4]])
+    want = _torchvision_colour(x.float() / 255, p, 13)
+    got = swav.colour_augment(x.float() / 255, p)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    change = (got - x.float() / 255).abs().amax((1, 2, 3))
+    assert change[4] == 0 and (change[torch.arange(8) != 4] > 0.05).all()  # jitter off, no grey, no blur: unchanged
+    mean, std = (T(v).view(1, 3, 1, 1) for v in (swav.MEAN, swav.STD))
+    torch.testing.assert_close(swav.to_input(x, torch.device("cpu"), p), (want - mean) / std, atol=1e-4, rtol=0)
+    torch.testing.assert_close(swav.to_input(x, torch.device("cpu")), (x / 255 - mean) / std)
 
 
 def test_multicrop_is_seeded_and_shaped():
@@ -182,7 +228,9 @@ def test_multicrop_is_seeded_and_shaped():
         a = t(image)
     with common.seeded(5):
         b = t(image)
-    assert [c.shape[-1] for c in a] == [32, 32, 16, 16, 16] and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert [c.shape[-1] for c, _ in a] == [32, 32, 16, 16, 16] and all(c.dtype == torch.uint8 for c, _ in a)
+    assert all(torch.equal(x, y) and torch.equal(p, q) for (x, p), (y, q) in zip(a, b))
+    assert all(p[10] == 0 for _, p in a)  # no blur at 32 px and below
 
 
 def test_linear_probe_never_changes_the_backbone():
@@ -292,16 +340,18 @@ def _grads_of_two_steps(rank, world):
     under DDP when world > 1; the queue (one global batch long) is filled by the first step and used by the second."""
     args = swav.get_args(["--tiny", "--queue-length", "32"])
     g = torch.Generator().manual_seed(3)
-    batches = [[torch.randint(0, 256, (32, 3, s, s), dtype=torch.uint8, generator=g) for s in (32, 32, 16, 16)]
-               for _ in range(2)]
+    with common.seeded(3):  # each crop: uint8 images and their colour draws
+        batches = [[(torch.randint(0, 256, (32, 3, s, s), dtype=torch.uint8, generator=g),
+                     torch.stack([swav.colour_params() for _ in range(32)])) for s in (32, 32, 16, 16)]
+                   for _ in range(2)]
     torch.manual_seed(0)
     model = swav.SwAV(args.arch, args.hidden_mlp, args.feat_dim, args.nmb_prototypes)
     train_model = common.distribute(model, torch.device("cpu"))
     queue = swav.SwAVQueue(2, 32 // world, args.feat_dim)
     grads = []
     for batch in batches:
-        loss, queue_in_use = swav.train_step(train_model, model, [c.chunk(world)[rank] for c in batch], queue, args,
-                                             "none")
+        loss, queue_in_use = swav.train_step(train_model, model, [(c.chunk(world)[rank], p.chunk(world)[rank])
+                                                                  for c, p in batch], queue, args, "none")
         model.zero_grad(set_to_none=True)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -416,7 +466,7 @@ def _sharded_eval():
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 4, 4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                    torch.nn.Flatten())
     train, val = swav.SyntheticTextures(301, seed=0), swav.SyntheticTextures(40, seed=1)  # shards of 151 + 150
-    shard = swav.extract_features(backbone, swav.Labelled(train, swav.eval_transform(32, False)), torch.device("cpu"),
+    shard = swav.extract_features(backbone, swav.Seeded(train, swav.eval_transform(32, False)), torch.device("cpu"),
                                   "none", gather=False)[0]
     args = argparse.Namespace(workers=0, probe_epochs=4, probe_lr=0.3, knn_k=20, knn_t=0.1, size_crops=[32],
                               probe_fixed_features=True, probe_standardize=True)
