@@ -1,9 +1,8 @@
 """MMC: masked image modelling + momentum self-distillation + global contrast; zero-shot prompt segmentation.
 
-Paper: "Masked Momentum Contrastive Learning for Zero-shot Semantic Understanding", Jiantao Wu, Shentong Mo,
-Muhammad Awais, Sara Atito, Zhenhua Feng, Josef Kittler. arXiv:2308.11448 (2023); later version "... for Semantic
-Understanding by Observation". No official code is public and the method sections were not available: only the
-three parts named in the abstract are sourced; every detail below is [inferred] and a flag.
+Paper: "Masked Momentum Contrastive Learning for Zero-shot Semantic Understanding", Jiantao Wu, Shentong Mo, Muhammad
+Awais, Sara Atito, Zhenhua Feng, Josef Kittler. arXiv:2308.11448 (2023). No official code is public: only the three
+parts named in the abstract are sourced; every detail below is [inferred] and a flag.
 
 Method. A ViT student sees a block-masked view and three losses train it against an EMA teacher that sees the clean
 views: (1) masked image modelling, a linear pixel decoder reconstructs the masked patches (L1 on per-patch normalised
@@ -17,10 +16,9 @@ over a threshold sweep; intra- vs inter-object patch similarity and the overlap 
 Where: masking `block_mask`, `corrupt`; L_mim `patchify`, `mim_loss`; L_g2l `g2l_distill_loss`, `update_center`;
 L_con `info_nce`, `dequeue_and_enqueue` (optional queue); EMA `cosine_momentum` + common.ema_update_; one step
 `mmc_losses`; evaluation `prompt_segment`, `jaccard`, `interior_point`, `intra_inter_similarity`, `evaluate`.
-[inferred] everything of spec Secs. 3-8: ViT-B/16 at 224 px from scratch (or --vit NAME|DIR), K = 8192 prototypes,
-mask ratio 0.5, tau_s 0.1, tau_t 0.04 -> 0.07, centre momentum 0.9, tau_c 0.2, m0 0.996 -> 1, AdamW lr 5e-4 x B/256,
-weight decay 0.04 -> 0.4, clip 3, last layer of h frozen in epoch 1, teacher in eval mode (no dropout), evaluation on
-the teacher's last-block tokens.
+[inferred] (spec Secs. 3-8): ViT-B/16 at 224 px from scratch (or --vit NAME|DIR), K = 8192, mask ratio 0.5, tau_s
+0.1, tau_t 0.04 -> 0.07, centre momentum 0.9, tau_c 0.2, m0 0.996 -> 1, AdamW lr 5e-4 x B/256, weight decay 0.04 ->
+0.4, clip 3, h's last layer frozen in epoch 1, teacher in eval mode, evaluation on its last-block tokens.
 
 Launch (--batch-size is per process; the spec's global batch is 256):
   python mmc.py --tiny                                                       # CPU smoke run, synthetic shapes
@@ -32,6 +30,7 @@ Launch (--batch-size is per process; the spec's global batch is 256):
   python mmc.py --vit facebook/dino-vitb16 --eval-only --eval-data /data/davis --output-dir runs/dino_zs
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -53,7 +52,8 @@ import common
 # --- Arguments ---
 TINY = dict(epochs=8, batch_size=16, lr=0.032, workers=1, log_every=32, img_size=32, patch=4, dim=64, depth=2, heads=2,
             K=64, head_hidden=64, proj_dim=32, norm_pix=False, warmup_epochs=1, freeze_last_layer=0, m0=0.99,
-            eval_size=128)  # [inferred] a full train + evaluation in about a minute on a CPU
+            eval_size=128, tau_t=0.02, tau_t_final=0.03)  # [inferred] train + evaluation in about a minute on a CPU;
+# tau_t: in 512 steps at 0.04 -> 0.07 the teacher's CLS target (h is trained on patches only) decays to uniform
 
 
 def get_args(argv=None):
@@ -207,14 +207,11 @@ def read_image(path):
 def read_mask(path):
     """(H, W) int64 region ids from a .npy or a PNG: grey / palette PNGs give ids directly (255 = ignore, as VOC and
     DAVIS), colour PNGs one id per colour (black = background, VOC's border colour (224, 224, 192) = ignore)."""
-    if path.endswith(".npy"):
-        try:
-            return torch.from_numpy(np.asarray(np.load(path), dtype=np.int64))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: cannot read mask {path} ({str(e).splitlines()[0]})") from None
     try:
+        if path.endswith(".npy"):
+            return torch.from_numpy(np.asarray(np.load(path), dtype=np.int64))
         m = decode_image(read_file(path), mode=ImageReadMode.UNCHANGED).long()
-    except (RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: cannot read mask {path} ({str(e).splitlines()[0]})") from None
     if m.shape[0] == 1:
         return torch.where(m[0] == 255, -1, m[0])
@@ -240,8 +237,7 @@ def polygon_mask(polygons, h, w):
 
 
 def read_coco(path, image_root, gt, limit=None):
-    """A COCO instances JSON -> [(image path, mask builder or None)]; crowd regions are left out (background)."""
-    import json
+    """A COCO instances JSON -> [(image path, mask builder)]; crowd regions are left out (background)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path} not found; pass a COCO instances JSON, a folder with images/, or synthetic")
     try:
@@ -258,23 +254,20 @@ def read_coco(path, image_root, gt, limit=None):
             raise SystemExit(f"error: {path}: annotation {n} has no 'segmentation' or an unknown 'image_id'")
         if not a.get("iscrowd", 0):
             anns.setdefault(a["image_id"], []).append(a)
-    out = []
-    for im in list(images.values())[:limit]:
-        file = os.path.join(image_root, im["file_name"])
 
-        def build(im=im, objs=anns.get(im["id"], [])):
-            mask = torch.zeros(im["height"], im["width"], dtype=torch.long)
-            for k, a in enumerate(objs):
-                seg = a["segmentation"]
-                if isinstance(seg, dict):  # uncompressed RLE, column-major
-                    flat = torch.repeat_interleave(torch.arange(len(seg["counts"])) % 2, torch.tensor(seg["counts"]))
-                    region = flat.bool().reshape(seg["size"][1], seg["size"][0]).T
-                else:
-                    region = polygon_mask(seg, im["height"], im["width"])
-                mask[region] = a["category_id"] if gt == "semantic" else k + 1
-            return mask
-        out.append((file, build))
-    return out
+    def build(im):
+        mask = torch.zeros(im["height"], im["width"], dtype=torch.long)
+        for k, a in enumerate(anns.get(im["id"], [])):
+            seg = a["segmentation"]
+            if isinstance(seg, dict):  # uncompressed RLE, column-major
+                flat = torch.repeat_interleave(torch.arange(len(seg["counts"])) % 2, torch.tensor(seg["counts"]))
+                region = flat.bool().reshape(seg["size"][1], seg["size"][0]).T
+            else:
+                region = polygon_mask(seg, im["height"], im["width"])
+            mask[region] = a["category_id"] if gt == "semantic" else k + 1
+        return mask
+    images = list(images.values())[:limit]
+    return [(os.path.join(image_root, im["file_name"]), lambda im=im: build(im)) for im in images]
 
 
 def read_folder(root, need_masks, limit=None):
@@ -483,8 +476,7 @@ def block_mask(gh, gw, ratio, generator=None):
     patches to reach exactly round(ratio * gh * gw) masked patches. -> bool (gh, gw)."""
     target, tries = round(ratio * gh * gw), 4 * gh * gw
     mask = torch.zeros(gh, gw, dtype=torch.bool)
-    u = torch.rand(tries, 4, generator=generator).tolist()  # one draw: no per-block RNG calls
-    left = target
+    u, left = torch.rand(tries, 4, generator=generator).tolist(), target  # one draw: no per-block RNG calls
     for a, b, c, d in u:
         if left < 4:
             break
@@ -533,9 +525,7 @@ def g2l_distill_loss(s_patch_logits, t_logits, center, tau_s, tau_t, weight=None
         if p_t.dim() == 2:
             p_t = p_t[:, None]
         ce = -(p_t * F.log_softmax(s_patch_logits.float() / tau_s, dim=-1)).sum(-1)  # (B, N)
-        if weight is None:
-            return ce.mean()
-        w = weight.float()
+        w = torch.ones_like(ce) if weight is None else weight.float()
         return ((ce * w).sum(1) / w.sum(1).clamp(min=1)).mean()
 
 
@@ -582,11 +572,9 @@ def mmc_losses(model, teacher, center, queue, x1, x2, m1, m2, tau_t, args):
     with torch.no_grad():
         t_tok = teacher.tokens(x)
     swap = lambda t: torch.cat([t[b:], t[:b]])  # noqa: E731, view u's target comes from view v
-    loss_mim = loss_g2l = loss_con = zero
-    targets, keys = zero, zero
+    loss_mim = loss_g2l = loss_con = targets = keys = zero
     if model.decoder is not None:  # Eq. L_mim
-        target = patchify(x, args.patch)
-        target = norm_pix(target) if args.norm_pix else target
+        target = norm_pix(patchify(x, args.patch)) if args.norm_pix else patchify(x, args.patch)
         with torch.autocast(x.device.type, enabled=False):
             loss_mim = mim_loss(model.decoder(tok[:, 1:]).float(), target.float(), mask, args.mim_loss)
     if model.enc.head is not None:  # Eq. L_g2l
@@ -656,16 +644,20 @@ def pair_similarities(feats, regions):
     return sim[upper & same], sim[upper & ~same]
 
 
-def histogram_overlap(a, b, bins=50):
-    """sum_b min(h_a(b), h_b(b)) of the normalised histograms on [-1, 1] (0 = separated, 1 = identical)."""
-    ha, hb = (torch.histc(v.float().clamp(-1, 1), bins, -1, 1) for v in (a, b))
+def histogram(v, bins=50):
+    """Counts of the values v in `bins` equal bins on [-1, 1]."""
+    return torch.histc(v.float().clamp(-1, 1), bins, -1, 1)
+
+
+def histogram_overlap(ha, hb):
+    """sum_b min(h_a(b), h_b(b)) of two histograms, each normalised (0 = separated, 1 = identical)."""
     return torch.minimum(ha / ha.sum().clamp(min=1), hb / hb.sum().clamp(min=1)).sum().item()
 
 
 def intra_inter_similarity(feats, regions):
     """-> (mean intra-region cosine, mean inter-region cosine, histogram overlap) of one image's patches."""
     intra, inter = pair_similarities(feats, regions)
-    return intra.mean().item(), inter.mean().item(), histogram_overlap(intra, inter)
+    return intra.mean().item(), inter.mean().item(), histogram_overlap(histogram(intra), histogram(inter))
 
 
 @torch.no_grad()
@@ -673,23 +665,27 @@ def extract(backbone, images, args, device, amp):
     """Frozen L2-normalised last-block patch tokens (M, h, w, D), in eval mode (spec Sec. 8)."""
     training, g = backbone.training, args.img_size // args.patch
     backbone.eval()
-    out = []
+    out = [torch.zeros(0, g, g, backbone.config.hidden_size)]
     for x in images.split(64):
         with common.autocast(device, amp):
             tok = backbone(pixel_values=normalise(x.to(device))).last_hidden_state
-        out.append(tok[:, 1:].float().reshape(len(x), g, g, -1))
+        out.append(tok[:, 1:].float().reshape(len(x), g, g, -1).cpu())
     backbone.train(training)
-    return F.normalize(torch.cat(out), dim=-1).cpu()
+    return F.normalize(torch.cat(out), dim=-1)
 
 
 def evaluate(backbone, images, masks, args, device, amp, png=None):
     """Zero-shot prompt segmentation (one prompt per region > 0 of at least one patch's area) and intra/inter
     similarity. The threshold is chosen on the even-indexed images and reported on the odd ones (`jaccard`);
-    `jaccard_best` is the best threshold on the odd ones. Writes the PNG `png` of the first prompts."""
-    feats = extract(backbone, images, args, device, amp)
-    s, p = args.img_size, args.patch
-    curves, intra, inter, shown = ([], []), [], [], []
-    for n, (f, m) in enumerate(zip(feats, masks)):
+    `jaccard_best` is the best threshold on the odd ones. A collective: each process scores its shard of the images,
+    the sums of J(t), pair cosines and histograms are summed over processes; rank 0 draws its first prompts (`png`)."""
+    per = math.ceil(len(images) / common.get_world_size())
+    lo, hi = common.get_rank() * per, (common.get_rank() + 1) * per  # this process's shard (slices clip at M)
+    feats, s, p, bins = extract(backbone, images[lo:hi], args, device, amp), args.img_size, args.patch, 50
+    curves = torch.zeros(2, len(THRESHOLDS) + 1, dtype=torch.float64)  # even / odd images: sum of J(t), prompts
+    pairs = torch.zeros(2, bins + 2, dtype=torch.float64)  # intra / inter: sum of cosines, pairs, histogram
+    shown = []
+    for n, f, m in zip(range(lo, hi), feats, masks[lo:hi]):
         valid = m >= 0
         for r in m.unique().tolist():
             gt = m == r
@@ -698,23 +694,24 @@ def evaluate(backbone, images, masks, args, device, amp, png=None):
             y, x = interior_point(gt)  # the prompt point: the object's deepest pixel
             sim, _ = prompt_segment(f, (y // p, x // p), 0.0)
             up = F.interpolate(sim[None, None], size=(s, s), mode="bilinear", align_corners=False)[0, 0]
-            curves[n % 2].append(jaccard(up[None] >= THRESHOLDS[:, None, None], gt[None], valid[None]))  # (T,)
+            j = jaccard(up[None] >= THRESHOLDS[:, None, None], gt[None], valid[None])  # (T,)
+            curves[n % 2] += torch.cat([j.double(), torch.ones(1, dtype=torch.float64)])
             if n % 2 and len(shown) < 8:
                 shown.append((n, y, x, up, gt))
         labels = patch_labels(m, p)
         if len(labels[labels >= 0].unique()) >= 2:
-            a, b = pair_similarities(f, labels)
-            intra.append(a), inter.append(b)
-    if not (curves[0] and curves[1] and intra):
+            for row, v in zip(pairs, pair_similarities(f, labels)):
+                row += torch.cat([v.double().sum()[None], torch.tensor([len(v)]), histogram(v, bins).double()])
+    curves, pairs = (common.all_reduce_sum(t.to(device)).cpu() for t in (curves, pairs))
+    if not (curves[0, -1] and curves[1, -1] and pairs[1, 1]):
         raise SystemExit("error: the evaluation set needs objects in at least 2 images; raise --eval-size")
-    val, test = torch.stack(curves[0]).mean(0), torch.stack(curves[1]).mean(0)
+    val, test = curves[0, :-1] / curves[0, -1], curves[1, :-1] / curves[1, -1]
     t = int(val.argmax())
-    intra, inter = torch.cat(intra), torch.cat(inter)
+    intra, inter = (pairs[:, 0] / pairs[:, 1]).tolist()
     metrics = {"jaccard": test[t].item(), "jaccard_best": test.max().item(), "threshold": THRESHOLDS[t].item(),
-               "intra": intra.mean().item(), "inter": inter.mean().item(), "overlap": histogram_overlap(intra, inter),
-               "gap": (intra.mean() - inter.mean()).item(),
-               **{f"jaccard@{th:.2f}": v for th, v in zip(THRESHOLDS.tolist(), test.tolist())}}
-    if png:
+               "intra": intra, "inter": inter, "overlap": histogram_overlap(pairs[0, 2:], pairs[1, 2:]),
+               "gap": intra - inter, **{f"jaccard@{th:.2f}": v for th, v in zip(THRESHOLDS.tolist(), test.tolist())}}
+    if png and common.get_rank() == 0:
         save_panels(png, images, shown, THRESHOLDS[t].item())
     return metrics
 
@@ -722,8 +719,7 @@ def evaluate(backbone, images, masks, args, device, amp, png=None):
 def save_panels(path, images, shown, threshold):
     """One row per prompt: image with the prompt point (red), similarity map (min..max of the map), mask predicted at
     the chosen threshold, ground truth."""
-    scale = max(1, 96 // images.shape[-1])
-    tiles = []
+    scale, tiles = max(1, 96 // images.shape[-1]), []
     for n, y, x, sim, gt in shown:
         img = images[n].float() / 255
         img[:, max(0, y - 1):y + 2, max(0, x - 1):x + 2] = torch.tensor([1.0, 0, 0])[:, None, None]
@@ -779,7 +775,7 @@ def main(argv=None):
                                                                                          args.tau_t_final)])
     common.print0(f"{len(train_set)} training images, {len(eval_images)} evaluation images; global batch "
                   f"{global_batch} ({args.batch_size} x {world}); {spe} steps/epoch, {total} steps; amp {amp}")
-    if args.tiny and step == 0 and metrics_init is None and total > 0 and rank == 0:  # random-init baseline
+    if args.tiny and step == 0 and metrics_init is None and total > 0:  # random-init baseline (a collective)
         metrics_init = evaluate(teacher.backbone, eval_images, eval_masks, args, device, amp,
                                 os.path.join(args.output_dir, "segmentation_init.png"))
     net = common.distribute(model, device, args.compile)  # DDP, then compile
@@ -837,20 +833,18 @@ def main(argv=None):
             if step == total:
                 break
         save()  # at every epoch end and when --max-steps stops the run
-    if rank == 0:  # evaluation has no collectives
-        metrics = evaluate(teacher.backbone, eval_images, eval_masks, args, device, amp,
-                           os.path.join(args.output_dir, "segmentation.png"))
-        if metrics_init is not None:
-            metrics = {"jaccard": metrics["jaccard"], "jaccard_init": metrics_init["jaccard"],
-                       **{f"{k}_init": metrics_init[k] for k in ("jaccard_best", "intra", "inter", "overlap")},
-                       **metrics}
+    metrics = evaluate(teacher.backbone, eval_images, eval_masks, args, device, amp,  # every process: its shard
+                       os.path.join(args.output_dir, "segmentation.png"))
+    if metrics_init is not None:
+        metrics = {"jaccard": metrics["jaccard"], "jaccard_init": metrics_init["jaccard"],
+                   **{f"{k}_init": metrics_init[k] for k in ("jaccard_best", "intra", "inter", "overlap")}, **metrics}
+    if rank == 0:
         common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
         common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
         print("  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if "@" not in k), flush=True)
         if metrics_init is not None:
             print(f"zero-shot Jaccard: random init {metrics_init['jaccard']:.3f} -> trained {metrics['jaccard']:.3f} "
-                  f"(intra/inter overlap {metrics_init['overlap']:.3f} -> {metrics['overlap']:.3f}); PNGs in "
-                  f"{args.output_dir}", flush=True)
+                  f"(overlap {metrics_init['overlap']:.3f} -> {metrics['overlap']:.3f}); PNGs in {args.output_dir}")
     common.cleanup_distributed()
 
 
