@@ -18,8 +18,8 @@ boundary-first anchors (--anchors, --boundary-frac), queue size, sampled positiv
 Sec. 3 model -> `SegNet`, `dem_derivatives`; Sec. 4 hyper-pixels -> `hyperpixel_grid`, `hyperpixel_kmeans`,
 `hyperpixel_pool`, `hyperpixel_labels`, `boundary_cells`, `sample_anchors`, queues -> `ClassQueue`, momentum encoder ->
 `momentum_update_`; Sec. 5 L_hpcl -> `hpcl_loss`, total loss -> `train_step`; Sec. 8 metrics from one confusion matrix
-over the test set -> `seg_metrics`, `evaluate`. Ablations: `--fusion rgb --hpcl-weight 0` (RGB only), `--hpcl-weight 0`
-(RGB + DEM), the defaults (RGB + DEM + HPCL).
+over the test set (summed over processes) -> `seg_metrics`, `evaluate`. Ablations: `--fusion rgb --hpcl-weight 0`
+(RGB only), `--hpcl-weight 0` (RGB + DEM), the defaults (RGB + DEM + HPCL).
 
 --batch-size is per process; the spec's recipe is a global batch of 16, 80 epochs:
   python hpcl.py --tiny                                                        # CPU smoke run, < 1 minute
@@ -159,8 +159,8 @@ class Tiles:
     def __len__(self):
         return len(self.rgb)
 
-    def subset(self, n):  # the first n (all for n = 0)
-        return Tiles(self.rgb[:n or None], self.dem[:n or None], self.mask[:n or None])
+    def __getitem__(self, s):  # a slice of the tiles
+        return Tiles(self.rgb[s], self.dem[s], self.mask[s])
 
 
 def _smooth_noise(g, n, size, cells):
@@ -231,14 +231,14 @@ def synth_loess(n, size, seed):
 
 def _read_array(path, kind):
     """kind 'rgb' -> (3, H, W) uint8, 'dem' -> (1, H, W) float32, 'mask' -> (H, W) uint8 {0, 1}."""
-    modes = {"rgb": torchvision.io.ImageReadMode.RGB, "mask": torchvision.io.ImageReadMode.GRAY}
+    mode = torchvision.io.ImageReadMode
+    modes = {"rgb": mode.RGB, "mask": mode.GRAY, "dem": mode.UNCHANGED}
     try:
         if path.endswith(".npy"):
             a = torch.from_numpy(np.load(path, allow_pickle=False))
             a = a.permute(2, 0, 1) if kind == "rgb" and a.ndim == 3 and a.shape[-1] == 3 else a
         else:
-            a = torchvision.io.decode_png(torchvision.io.read_file(path),
-                                          modes.get(kind, torchvision.io.ImageReadMode.UNCHANGED))
+            a = torchvision.io.decode_png(torchvision.io.read_file(path), modes[kind])
     except Exception as e:
         raise SystemExit(f"error: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
     a = a if kind == "rgb" or a.ndim != 3 or a.shape[0] != 1 else a[0]
@@ -288,7 +288,7 @@ def load_data(args):
         raise SystemExit(f"error: --data {args.data} is not a folder; pass 'synthetic' or a folder with train/ and "
                          "test/ (or val/) tiles")
     test = "test" if os.path.isdir(os.path.join(root, "test")) else "val"
-    return read_split(root, "train").subset(args.train_tiles), read_split(root, test)
+    return read_split(root, "train")[:args.train_tiles or None], read_split(root, test)
 
 
 class TrainTiles(torch.utils.data.Dataset):
@@ -448,8 +448,7 @@ def hyperpixel_labels(mask, segments, purity=0.75, n_segments=None):
     """Sec. 4: landslide fraction f_k of the GT mask (B, H, W) in each segment (same resolution) -> labels (B, K):
     1 if f_k >= rho, 0 if f_k <= 1 - rho, -1 (ignored) for mixed or empty cells."""
     frac, counts = hyperpixel_pool(mask[:, None].float(), segments, n_segments)
-    frac = frac[..., 0]
-    labels = torch.where(frac >= purity, 1, torch.where(frac <= 1 - purity, 0, -1))
+    labels = torch.where(frac[..., 0] >= purity, 1, torch.where(frac[..., 0] <= 1 - purity, 0, -1))
     return torch.where(counts > 0, labels, -1)
 
 
@@ -463,26 +462,22 @@ def segment_boundary(labels, segments):
     """boundary_cells for any segments (B, h, w): a segment is a boundary one when one of its positions has an
     8-neighbour position in a segment of the other label (for grid cells the same as boundary_cells)."""
     per_pos = torch.gather(labels, 1, segments.flatten(1)).view(segments.shape)  # (B, h, w) label of each position
-    pos_boundary = boundary_cells(per_pos).float()[:, None]
-    return hyperpixel_pool(pos_boundary, segments, labels.shape[1])[0][..., 0] > 0
+    return hyperpixel_pool(boundary_cells(per_pos).float()[:, None], segments, labels.shape[1])[0][..., 0] > 0
 
 
 def hyperpixel_kmeans(rgb, dem, cell, iters=3, spatial=1.0):
-    """`--hp kmeans` [inferred]: irregular hyper-pixels from a few k-means iterations in (y, x, RGB, elevation, slope)
-    at stride 4 (standardised per image), started from the grid cells; each position joins the nearest of K centres.
-    rgb, dem: (B, 3, H, W) model inputs -> segments (B, H/4, W/4) long."""
+    """`--hp kmeans` [inferred]: a few k-means iterations in (y, x, RGB, elevation, slope) at stride 4, standardised
+    per image, from the grid cells. rgb, dem: (B, 3, H, W) model inputs -> segments (B, H/4, W/4) long."""
     f = torch.cat([F.avg_pool2d(rgb.float(), STRIDE), F.avg_pool2d(dem[:, :2].float(), STRIDE)], 1)
     f = (f - f.mean((2, 3), keepdim=True)) / (f.std((2, 3), keepdim=True) + 1e-6)  # per image: batch-independent
     b, _, h, w = f.shape
-    ys, xs = torch.meshgrid(torch.arange(h, device=f.device), torch.arange(w, device=f.device), indexing="ij")
-    pos = torch.stack([ys, xs]).float()[None].expand(b, -1, -1, -1) * (spatial / cell)  # a cell is ~1 unit wide
-    f = torch.cat([pos, f], 1)
+    pos = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).to(f.device, f.dtype)
+    f = torch.cat([pos[None].expand(b, -1, -1, -1) * (spatial / cell), f], 1)  # a cell is ~1 unit wide
     seg = hyperpixel_grid(h, w, cell, f.device).expand(b, h, w)
     k = math.ceil(h / cell) * math.ceil(w / cell)
     for _ in range(iters):
         centres, counts = hyperpixel_pool(f, seg, k)  # (B, K, C)
-        d = torch.cdist(f.flatten(2).transpose(1, 2), centres)  # (B, hw, K)
-        d = d.masked_fill(counts[:, None] == 0, float("inf"))  # emptied centres take no more positions
+        d = torch.cdist(f.flatten(2).transpose(1, 2), centres).masked_fill(counts[:, None] == 0, float("inf"))
         seg = d.argmin(2).view(b, h, w)
     return seg
 
@@ -632,10 +627,10 @@ def boundary_band(mask, width=4):
 
 @torch.no_grad()
 def predict(model, tiles, args, device, amp, batch_size=32):
-    """Argmax predictions (N, H, W) of the test tiles, model in eval mode (its mode is restored)."""
+    """Argmax predictions (N, H, W) of the tiles, model in eval mode (its mode is restored)."""
     was_training = model.training
     model.eval()
-    preds = []
+    preds = [tiles.mask[:0].to(device, torch.long)]
     for s in range(0, len(tiles), batch_size):
         rgb, dem = model_inputs(tiles.rgb[s:s + batch_size], tiles.dem[s:s + batch_size], args, device)
         with common.autocast(device, amp):
@@ -647,21 +642,22 @@ def predict(model, tiles, args, device, amp, batch_size=32):
 
 def evaluate(model, tiles, args, device, amp):
     """Sec. 8: one 2x2 confusion matrix over every pixel of the test set -> mIoU, landslide IoU and F1, precision,
-    recall, background IoU, and landslide IoU in the 4-px band around GT edges."""
-    pred, gt = predict(model, tiles, args, device, amp), tiles.mask.to(device)
-    metrics = seg_metrics(pred, gt)
+    recall, background IoU, and landslide IoU in the 4-px band around GT edges. A collective: each process predicts
+    its shard of the tiles and the confusion matrices are summed over processes."""
+    per, rank = math.ceil(len(tiles) / common.get_world_size()), common.get_rank()
+    own = tiles[rank * per:(rank + 1) * per]  # this process's shard: tiles [rank * ceil(N / world), ...)
+    pred, gt = predict(model, own, args, device, amp), own.mask.to(device)
     band = boundary_band(gt)
-    metrics["iou_landslide_boundary"] = seg_metrics(pred[band], gt[band])["iou_landslide"]
-    return metrics
+    cm = common.all_reduce_sum(torch.stack([confusion_matrix(pred, gt), confusion_matrix(pred[band], gt[band])]))
+    return {**metrics_from_confusion(cm[0]), "iou_landslide_boundary": metrics_from_confusion(cm[1])["iou_landslide"]}
 
 
 def save_predictions_png(model, tiles, path, args, device, amp, n=8):
     """Rows: RGB tile, DEM hillshade, ground truth, prediction (white = landslide), for the first n test tiles."""
-    t = Tiles(tiles.rgb[:n], tiles.dem[:n], tiles.mask[:n])
+    t = tiles[:n]
     pred = predict(model, t, args, device, amp).cpu().float()
-    shade = dem_derivatives(t.dem)[:, 2:]
-    rows = [t.rgb.float() / 255, shade.expand(-1, 3, -1, -1), t.mask.float()[:, None].expand(-1, 3, -1, -1),
-            pred[:, None].expand(-1, 3, -1, -1)]
+    rows = [t.rgb.float() / 255, *(x.float().expand(-1, 3, -1, -1) for x in (dem_derivatives(t.dem)[:, 2:],
+                                                                           t.mask[:, None], pred[:, None]))]
     torchvision.utils.save_image(torch.cat(rows), path, nrow=len(t), padding=2, pad_value=0.5)
 
 
@@ -737,10 +733,9 @@ def main(argv=None):
     teacher = common.momentum_copy(model)  # Sec. 4: the momentum encoder, an exact copy at the start
     queue = ClassQueue(args.emb_dim, args.queue, device=device)
     common.seed_everything(args.seed + rank)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm and biases
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.ndim > 1]},  # no decay: BN, biases
+                                   {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
+                                  lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     state = common.load_checkpoint(ckpt_path, "hpcl", resume=not args.eval_only)  # after the models: RNG restored
     step, init_metrics = 0, {}
@@ -750,7 +745,7 @@ def main(argv=None):
             common.restore(state, ckpt_path, teacher=teacher, queue=queue, optimizer=optimizer, scaler=scaler)
         step, init_metrics = state["step"], state["metrics_init"]
         common.print0(f"loaded {ckpt_path} (step {step})")
-    elif args.tiny and rank == 0:  # the random-initialisation baseline, printed beside the trained numbers
+    elif args.tiny:  # the random-initialisation baseline, printed beside the trained numbers (a collective)
         init_metrics = evaluate(model, test_tiles, args, device, amp)
     ce_weight = class_weights(train_tiles, args.class_weighted).to(device)
 
@@ -803,12 +798,13 @@ def main(argv=None):
         save()  # at every epoch end and when --max-steps stops the run
     bar.close()
 
-    if rank == 0:  # evaluation has no collectives; the other ranks just finish
-        metrics = evaluate(model, test_tiles, args, device, amp)
-        metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+    metrics = evaluate(model, test_tiles, args, device, amp)  # every process: its shard
+    metrics.update({f"{k}_init": v for k, v in init_metrics.items()})
+    if rank == 0:
         common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
         common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
-        save_predictions_png(model, test_tiles, os.path.join(args.output_dir, "predictions.png"), args, device, amp)
+        save_predictions_png(model, test_tiles[:math.ceil(len(test_tiles) / world)],  # from its own shard
+                             os.path.join(args.output_dir, "predictions.png"), args, device, amp)
         print("  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_init")), flush=True)
         if init_metrics:
             print("untrained: " + "  ".join(f"{k} {v:.4f}" for k, v in init_metrics.items()), flush=True)

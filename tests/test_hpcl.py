@@ -260,6 +260,36 @@ def test_two_processes_give_the_one_process_step_and_queue():
     assert one["queue"]["filled"].sum() > 200  # this step enqueued keys (200 were there before)
 
 
+def _sharded_eval():
+    """evaluate() of a fixed random SegNet on 7 test tiles, counting the tiles this process predicted."""
+    torch.manual_seed(0)
+    args = hpcl.get_args(["--tiny"])
+    model = hpcl.SegNet("late", args.widths, args.depths, args.dec_dim, args.emb_dim)
+    seen, forward = [], model.forward
+    model.forward = lambda rgb, dem: (seen.append(len(rgb)), forward(rgb, dem))[1]
+    metrics = hpcl.evaluate(model, hpcl.synth_loess(7, 64, seed=1), args, CPU, "none")
+    return {"tiles": sum(seen), **metrics}
+
+
+def _eval_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_sharded_eval(), f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each of two processes predicts its shard of the test tiles (4 + 3 of 7); the summed confusion matrices give
+    the one-process metrics on every process."""
+    mp.spawn(_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/{r}.pt") for r in range(2)]
+    one = _sharded_eval()
+    assert one["tiles"] == 7 and [t["tiles"] for t in two] == [4, 3]
+    assert one["iou_landslide"] > 0 and one["iou_landslide_boundary"] > 0
+    for t in two:
+        assert {k: v for k, v in t.items() if k != "tiles"} == {k: v for k, v in one.items() if k != "tiles"}
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path):
     """main under torchrun with 2 x 4 tiles: DDP, gathered keys, the collective checkpoint of both ranks; resuming it
     with one process is refused with a one-line error and the checkpoint is untouched."""
