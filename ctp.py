@@ -13,14 +13,12 @@ image-image and text-text similarity distributions close (KL) to the reference m
 distillation from the momentum model complete the objective. `--method finetune` is the sequential fine-tuning
 lower bound (SeqF: L_ita + L_mlm, nothing kept between tasks but the weights).
 
-Where: the compatible momentum update (L_cmc's momentum model): `ctp_momentum_update`; L_cmc with queues:
-`momentum_contrast_loss`, `dequeue_and_enqueue`; L_ita: `ita_loss`; L_tp: `topology_kl`, `topology_loss`; MLM and
-its distillation L_md: `mask_tokens`, `mlm_distill_loss`; one step: `ctp_losses`; the task protocol (reference and
-momentum copies, new optimiser and cosine per task, queues carried over): `main`; R@K, forgetting and BWT:
-`itm_recall`, `bwt`, `evaluate`, `heat_map`.
-Inferred (flags or --tiny only): the built-in domains, the tiny model, a vocabulary of the titles when BERT is built
-from scratch, the loss weights (--w-*, official 1), --reset-queue (official: off). Not here: multimodal retrieval
-(mAP@k on query/gallery), the per-epoch evaluation of the official loop, the replay variant CTP_ER.
+Where: the compatible momentum update: `ctp_momentum_update`; L_cmc with queues: `momentum_contrast_loss`,
+`dequeue_and_enqueue`; L_ita: `ita_loss`; L_tp: `topology_kl`, `topology_loss`; MLM and L_md: `mask_tokens`,
+`mlm_distill_loss`; one step: `ctp_losses`; the task protocol: `main`; R@K, forgetting, BWT: `itm_recall`, `bwt`,
+`evaluate`. Inferred (flags or --tiny only): the built-in domains, the tiny model, a vocabulary of the titles when
+BERT is built from scratch, the loss weights (--w-*, official 1), --reset-queue (official: off). Not here:
+multimodal retrieval (mAP@k), the per-epoch evaluation of the official loop, the replay variant CTP_ER.
 
 Launch:
   python ctp.py --tiny                                     # CPU smoke run: 3 synthetic domains, < 1 minute
@@ -515,15 +513,30 @@ def ctp_losses(model, image, ids, att, mlm_ids, labels, model_m=None, ref=None, 
 
 
 # --- Evaluation ---
-def itm_recall(sim_i2t, img2txt, txt2img):
-    """Official itm_eval: rank of the best positive per row -> TR@1/5/10, IR@1/5/10 (x100) and their mean."""
-    def ranks(scores, positives):
-        order = torch.argsort(scores.float(), dim=1, descending=True, stable=True)
-        rank_of = torch.argsort(order, dim=1)  # (N, N_other)
-        return torch.stack([rank_of[i, torch.as_tensor(p)].min() for i, p in enumerate(positives)])
-    tr, ir = ranks(sim_i2t, img2txt), ranks(sim_i2t.T, [[i] for i in txt2img])
-    out = {f"tr{k}": 100.0 * (tr < k).float().mean().item() for k in (1, 5, 10)}
-    out.update({f"ir{k}": 100.0 * (ir < k).float().mean().item() for k in (1, 5, 10)})
+def shard(n):
+    """Rows [rank * ceil(n / world), ...) of n, the last repeated to equal sizes, and how many are this process's."""
+    per = math.ceil(n / common.get_world_size())
+    start = common.get_rank() * per
+    return [min(i, n - 1) for i in range(start, start + per)], max(0, min(per, n - start))
+
+
+@torch.no_grad()
+def itm_recall(img, txt, k_test=10, chunk=256):
+    """Official itm_eval with one text per image (pair i = image i, text i): TR@1/5/10, IR@1/5/10 (x100) and their
+    mean over all images and texts (N, E). Each process ranks its shard of the queries against the whole other side,
+    chunk rows at a time (memory chunk x N), each direction in its own top-k score rows (score_matrix_i2t, _t2i)."""
+    idx, own = shard(len(img))
+    rows, col = torch.tensor(idx[:own], dtype=torch.long, device=img.device), torch.arange(len(img), device=img.device)
+    def hits(query, gallery):  # hits at K = 1, 5, 10, summed over processes
+        out = torch.zeros(3, dtype=torch.long, device=query.device)
+        for q, i in zip(query[rows].split(chunk), rows[:, None].split(chunk)):
+            s = keep_topk(q @ gallery.T, k_test)
+            p = s.gather(1, i)  # the positive's score; its rank in argsort(descending, stable): ties go first
+            rank = (s > p).sum(1) + ((s == p) & (col < i)).sum(1)  # to the lower index
+            out += torch.stack([(rank < k).sum() for k in (1, 5, 10)])
+        return common.all_reduce_sum(out)
+    out = {f"tr{k}": 100.0 * h.item() / len(img) for k, h in zip((1, 5, 10), hits(img, txt))}
+    out.update({f"ir{k}": 100.0 * h.item() / len(txt) for k, h in zip((1, 5, 10), hits(txt, img))})
     return {"r_mean": sum(out.values()) / 6, **out}
 
 
@@ -541,51 +554,33 @@ def bwt(so_far, final):
 @torch.no_grad()
 def evaluate(model, tests, tok, args, device, amp):
     """Cross-modal retrieval (unimodal features, no re-ranking) on each test split and on each union of splits
-    0..i (the official cumulative test set). Every process computes the same. -> (per task, per prefix) metrics."""
+    0..i (the official cumulative test set). Each process embeds its shard of each split; the (N, E) embeddings are
+    gathered. -> (per task, per prefix) metrics (each test image has one title), alike on every process."""
     model = common.unwrap(model)
     training = model.training
     model.eval()
     feats = []
     for items in tests:
-        ds = PairSet(items, tok, args, train=False)
+        ds = torch.utils.data.Subset(PairSet(items, tok, args, train=False), shard(len(items))[0])
         loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers, generator=torch.Generator())
-        v, w = [], []
         with common.autocast(device, amp):
-            for image, ids, att, _, _ in loader:
-                v.append(model.image(image.to(device))[1].float())
-                w.append(model.text(ids.to(device), att.to(device))[1].float())
-        feats.append((torch.cat(v), torch.cat(w)))
+            vw = [(model.image(x.to(device))[1].float(), model.text(ids.to(device), att.to(device))[1].float())
+                  for x, ids, att, _, _ in loader]
+        feats.append([common.concat_all_gather(torch.cat(x))[:len(items)] for x in zip(*vw)])  # the repeats dropped
     model.train(training)
-
-    def score(v, w):  # each test image has one title: img2txt[i] = [i]
-        return itm_recall(keep_topk(v @ w.T, args.k_test).cpu(), [[i] for i in range(len(v))], list(range(len(v))))
-    per_task = [score(v, w) for v, w in feats]
-    prefix = [score(torch.cat([f[0] for f in feats[:i + 1]]), torch.cat([f[1] for f in feats[:i + 1]]))
-              for i in range(len(feats))]
-    return per_task, prefix
-
-
-DIGITS = ("111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001",
-          "111100111001111", "111100111101111", "111001001001001", "111101111101111", "111101111001111")
+    union = [[torch.cat([f[m] for f in feats[:i + 1]]) for m in (0, 1)] for i in range(len(feats))]
+    return [itm_recall(*f, args.k_test) for f in feats], [itm_recall(*f, args.k_test) for f in union]
 
 
 def heat_map(matrix, path, cell=24):
-    """The task-by-task matrix (rows: after task i; columns: test split j; None = not seen) as a PNG, value in
-    each cell in a 3x5 pixel font, no plotting library."""
-    n = len(matrix)
-    img = torch.full((3, n * cell, n * cell), 0.5)
+    """The task-by-task matrix (rows: after task i; columns: test split j; None = not seen, grey) as a PNG, dark blue
+    (0) to yellow (100), no plotting library; report() prints the values."""
+    img = torch.full((3, len(matrix) * cell, len(matrix) * cell), 0.5)
     for i, row in enumerate(matrix):
-        for j, val in enumerate(row):
-            if val is None:
-                continue
-            a = val / 100  # dark blue (0) to yellow (100)
-            img[:, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = torch.tensor([.2 + .8 * a, .2 + .6 * a,
-                                                                                    .6 - .4 * a])[:, None, None]
-            for k, ch in enumerate(str(round(val))):  # digits, 2 px per font pixel
-                glyph = torch.tensor([int(b) for b in DIGITS[int(ch)]], dtype=torch.bool).view(5, 3)
-                glyph = glyph.repeat_interleave(2, 0).repeat_interleave(2, 1)
-                y0, x0 = i * cell + cell // 2 - 5, j * cell + 2 + 7 * k
-                img[:, y0:y0 + 10, x0:x0 + 6][:, glyph] = float(a < .5)  # white on dark cells
+        for j, a in enumerate(row):
+            if a is not None:
+                img[:, i * cell:(i + 1) * cell, j * cell:(j + 1) * cell] = (torch.tensor([.2, .2, .6]) + torch.tensor(
+                    [.8, .6, -.4]) * a / 100)[:, None, None]
     torchvision.io.write_png((img.clamp(0, 1) * 255).to(torch.uint8), path)
 
 

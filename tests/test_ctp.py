@@ -119,9 +119,14 @@ def test_mlm_distillation_masking_and_queue():
 def test_recall_bwt_and_heat_map(tmp_path):
     assert ctp.bwt([80, 70, 60], [75, 66, 60]) == pytest.approx(4.5)
     sims = T([[0.9, 0.1, 0.0], [0.8, 0.2, 0.5], [0.0, 0.1, 0.3]])  # image 1 ranks its caption 3rd
-    r = ctp.itm_recall(sims, [[0], [1], [2]], [0, 1, 2])
+    r = ctp.itm_recall(sims, torch.eye(3))  # image features = the rows: sims = img @ txt^T
     assert r["tr1"] == pytest.approx(200 / 3) and r["tr5"] == 100 and r["ir1"] == pytest.approx(200 / 3)
     assert r["r_mean"] == pytest.approx((200 / 3 * 2 + 100 * 4) / 6)
+    # official t2i: each text's own top-k row; image 1's top-1 row drops text 1, text 1's row keeps image 1
+    r = ctp.itm_recall(T([[0.9, 0.1], [0.8, 0.5]]), torch.eye(2), k_test=1)
+    assert r["tr1"] == 50 and r["ir1"] == 100
+    tie = ctp.itm_recall(T([[0.5, 0.5], [0.5, 0.5]]), torch.eye(2))  # ties: the lower index first
+    assert tie["tr1"] == tie["ir1"] == 50
     assert ctp.keep_topk(sims, 1).tolist()[1] == [0.800000011920929, -100.0, -100.0]
     ctp.heat_map([[50.0, None], [20.0, 100.0]], str(tmp_path / "m.png"), cell=24)
     import torchvision
@@ -228,6 +233,45 @@ def test_two_processes_match_one_process_gradients(tmp_path):
     for r in range(2):
         _close(two[r][GLOBAL_TERMS], one[GLOBAL_TERMS], f"rank {r} ita+tp")
         _close(two[r][LOCAL_TERMS], mean, f"rank {r} cmc+mlm+md")
+
+
+def _eval(world, rank, out):
+    """evaluate() of a tiny random model on test splits of 23, 16 and 24 pairs; the images and titles embedded."""
+    torch.set_num_threads(1)
+    args = ctp.get_args(["--tiny", "--output-dir", str(out), "--workers", "0"])
+    tasks = ctp.task_list(args)
+    train, test = ctp.synthetic_data(args, tasks)
+    tok = ctp.make_tokenizer(args, [t for d in tasks for _, t in train[d] + test[d]])
+    torch.manual_seed(0)
+    model, rows = ctp.build_model(args, len(tok)), {"image": 0, "text": 0}
+    for key, proj in (("image", model.vision_proj), ("text", model.text_proj)):
+        proj.register_forward_hook(lambda m, x, y, key=key: rows.update({key: rows[key] + len(x[0])}))
+    splits = [test[tasks[0]][:23], test[tasks[1]], test[tasks[2]]]
+    assert [len(s) for s in splits] == [23, 16, 24]
+    per_task, prefix = ctp.evaluate(model, splits, tok, args, torch.device("cpu"), "none")
+    return {"rows": rows, "per_task": per_task, "prefix": prefix}
+
+
+def _eval_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_eval(world, rank, out), f"{out}/eval{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each process embeds its shard of every split (12 + 8 + 12 pairs of 63, the last of split 0 repeated on
+    rank 1) and ranks its shard of the queries; the gathered embeddings and the summed hit counts give the
+    one-process R@K of every split and union."""
+    import torch.multiprocessing as mp
+    mp.spawn(_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/eval{r}.pt") for r in range(2)]
+    one = _eval(1, 0, tmp_path)
+    assert one["rows"] == {"image": 63, "text": 63} and all(t["rows"] == {"image": 32, "text": 32} for t in two)
+    assert 0 < one["prefix"][-1]["r_mean"] < 100
+    for t in two:
+        for key in ("per_task", "prefix"):
+            assert [pytest.approx(m) for m in one[key]] == t[key], key
 
 
 # --- 4. Resume is exact, in the middle of a later task ---
