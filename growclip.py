@@ -6,19 +6,17 @@ ICCV 2023, arXiv:2308.11331. No public code: every detail beyond the abstract is
 says "inferred".
 
 Method. Image-text pairs arrive in stages, D_1 < D_2 < ... < D_T. A ViT image encoder and a BERT-style text encoder
-feed a modality-shared encoder (the same Transformer layers run on each modality's tokens), then projections to a joint
-space trained by the symmetric CLIP InfoNCE. At every new stage the architecture a = (L_v, L_t, L_s, d, h = d / 64)
-may grow in a growth space re-centred on the current model whose budget grows with the data (data-aware), chosen by
-a proxy search or by the largest candidate within the budget; every parameter of the grown model is inherited with
-momentum from the previous one, W_new[S] = lam * W_old[S] + (1 - lam) * R[S] on the overlapping slice S, R a fresh
-initialisation (PIM), so that training keeps old knowledge without being stuck in the old minimum.
+feed a modality-shared encoder (the same layers run on each modality's tokens), then projections to a joint space
+trained by the symmetric CLIP InfoNCE. At every stage the architecture a = (L_v, L_t, L_s, d, h = d / 64) may grow
+in a space re-centred on the current model whose budget grows with the data (data-aware), chosen by a proxy search or
+as the largest candidate within the budget; every parameter of the grown model is inherited with momentum, W_new[S] =
+lam W_old[S] + (1 - lam) R[S] on the overlapping slice S, R a fresh init (PIM): old knowledge, no old minimum.
 
-Where: the growth operators `grow_config`, the data-aware space `growth_space` and its `arch_cost`, the search
-`select_architecture` / `proxy_score`; PIM `pim_blend` / `pim_inherit`; the shared encoder `SharedBlock`, the model
-`GrowCLIP`; the loss `clip_loss`; evaluation `zero_shot_accuracy`, `recall_at_k`. Inferred (flags): the PIM formula and
-lam (--pim-momentum 0.9), new depth layers (--depth-init), the operators (--max-depth-step, --width-steps), the
-data-aware budget cost * (|D_t| / |D_t-1|) ** gamma (--growth-exponent), the search (--search, --proxy-*), the start
-model (--vision-layers --text-layers --shared-layers --width), the stages (--stages) and per-stage schedule.
+Where: growth `grow_config`, `growth_space`, `arch_cost`; search `select_architecture`, `proxy_score`; PIM
+`pim_blend`, `pim_inherit`; `SharedBlock`, `GrowCLIP`; `clip_loss`; evaluation `zero_shot_accuracy`, `recall_at_k`.
+Inferred (flags): the PIM formula and lam (--pim-momentum 0.9), new depth layers (--depth-init), the operators
+(--max-depth-step, --width-steps), the data-aware budget cost * (|D_t| / |D_t-1|) ** gamma (--growth-exponent), the
+search (--search, --proxy-*), the start model (--vision-layers ...), the stages (--stages) and per-stage schedule.
 
 Launch:
   python growclip.py --tiny                                          # CPU smoke run: 3 synthetic stages, ~45 s
@@ -57,14 +55,12 @@ import common
 # --- Arguments ---
 TINY = dict(epochs=2, batch_size=64, lr=2e-3, workers=0, log_every=10, image_res=32, patch_size=8, embed_dim=32,
             vision_layers=1, text_layers=1, shared_layers=1, width=32, head_dim=16, width_steps="0,16,32",
-            max_depth_step=1, growth_exponent=2.0, warmup=10, max_len=16, proxy_iters=20, proxy_val=128,
-            init_std=0.06)
+            max_depth_step=1, growth_exponent=2.0, warmup=10, max_len=16, proxy_iters=20, proxy_val=128, init_std=0.06)
 
 
 def get_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    p = argparse.ArgumentParser(description="GrowCLIP (arXiv 2308.11331): CLIP that grows with its data, PIM",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(description="GrowCLIP (arXiv 2308.11331), PIM", allow_abbrev=False)
     p.add_argument("--data", default="synthetic", help="'synthetic', or ALBEF-format JSON files [{image, caption}], "
                    "comma-separated: one chunk per stage, D_t = chunks 1..t (one file: split by --stages)")
     p.add_argument("--output-dir", default="runs/growclip")
@@ -83,15 +79,11 @@ def get_args(argv=None):
     p.add_argument("--log-every", type=int, default=50)
     m = p.add_argument_group("method")
     m.add_argument("--eval-data", default=None, help="retrieval test JSON [{image, caption: [...]}] (Flickr30K)")
-    m.add_argument("--zeroshot-data", default=None, help="ImageFolder dirs, comma-separated: zero-shot top-1 by "
-                   "prompts 'a photo of a {c}.', averaged over the datasets (Sec. 4)")
+    m.add_argument("--zeroshot-data", default=None, help="ImageFolder dirs, comma-separated: zero-shot top-1 (Sec. 4)")
     m.add_argument("--image-root", default="", help="prefix of relative image paths in the JSON files")
-    m.add_argument("--stages", type=int, default=3, help="T growth steps [inferred]: synthetic stages, or chunks "
-                   "of a single --data file")
-    m.add_argument("--vit", default=None, help="start the image encoder from a ViT/DeiT (HF name or local dir); "
-                   "default: from scratch")
-    m.add_argument("--text-encoder", default=None, help="start the text encoder from a BERT (HF name or local dir, "
-                   "weights and tokenizer); default: from scratch with a word vocabulary of the captions")
+    m.add_argument("--stages", type=int, default=3, help="T growth steps [inferred] (chunks of a single --data file)")
+    m.add_argument("--vit", default=None, help="a ViT/DeiT for a_1's image encoder (HF name or dir); default: scratch")
+    m.add_argument("--text-encoder", default=None, help="BERT (weights, tokenizer): HF name or dir; default: scratch")
     m.add_argument("--vision-layers", type=int, default=6, help="L_v of a_1 [inferred]")
     m.add_argument("--text-layers", type=int, default=6, help="L_t of a_1 [inferred]")
     m.add_argument("--shared-layers", type=int, default=2, help="L_s of a_1, modality-shared layers [inferred]")
@@ -102,21 +94,18 @@ def get_args(argv=None):
     m.add_argument("--patch-size", type=int, default=16)
     m.add_argument("--max-len", type=int, default=32, help="text tokens")
     m.add_argument("--embed-dim", type=int, default=256, help="E, joint embedding dim")
-    m.add_argument("--init-std", type=float, default=0.02, help="std of the fresh init R of encoders built from "
-                   "scratch (BERT's 0.02) [inferred]")
+    m.add_argument("--init-std", type=float, default=0.02, help="std of the fresh init R (BERT's 0.02) [inferred]")
     m.add_argument("--logit-scale-init", type=float, default=1 / 0.07, help="initial s = 1 / tau")
     m.add_argument("--logit-scale-max", type=float, default=100.0, help="s is clamped at this value")
     m.add_argument("--warmup", type=int, default=500, help="linear warm-up steps of every stage's cosine")
     m.add_argument("--no-grow", action="store_true", help="baseline: a_1 on every stage (same steps)")
-    m.add_argument("--pim-momentum", type=float, default=0.9, help="lam of PIM [inferred]: 1 = exact inheritance, "
-                   "0 = from scratch")
+    m.add_argument("--pim-momentum", type=float, default=0.9, help="lam of PIM [inferred]: 1 inherit, 0 scratch")
     m.add_argument("--no-pim", action="store_true", help="ablation: plain parameter inheriting (lam = 1)")
-    m.add_argument("--depth-init", choices=["random", "copy_last"], default="random", help="[inferred] layers new "
-                   "in depth: fresh init, or PIM from the last old layer of the same encoder")
+    m.add_argument("--depth-init", choices=["random", "copy_last"], default="random",
+                   help="[inferred] layers new in depth: fresh, or PIM from the last old layer of the same encoder")
     m.add_argument("--max-depth-step", type=int, default=2, help="[inferred] depth +0..k for each of L_v, L_t, L_s")
     m.add_argument("--width-steps", default="0,64,128", help="[inferred] width increments (multiples of head dim)")
-    m.add_argument("--growth-exponent", type=float, default=1.0, help="[inferred] gamma: a candidate's cost may be "
-                   "at most cost(a_t-1) * (|D_t| / |D_t-1|) ** gamma (the data-aware budget)")
+    m.add_argument("--growth-exponent", type=float, default=1.0, help="[inferred] gamma of the data-aware budget")
     m.add_argument("--search", choices=["none", "proxy"], default="none", help="[inferred] none: the largest "
                    "candidate within the budget; proxy: short PIM-initialised training, lowest held-out loss")
     m.add_argument("--proxy-candidates", type=int, default=4, help="[inferred] largest candidates the proxy tries")
@@ -128,8 +117,7 @@ def get_args(argv=None):
         for k, v in TINY.items():
             if "--" + k.replace("_", "-") not in given:
                 setattr(args, k, v)
-    if args.no_pim:
-        args.pim_momentum = 1.0
+    args.pim_momentum = 1.0 if args.no_pim else args.pim_momentum
     return args
 
 
@@ -137,8 +125,7 @@ def check_args(args, world):
     """Every check that depends on the flags and the number of processes alone (no files)."""
     if args.batch_size < 2:
         raise SystemExit("error: --batch-size must be at least 2 (in-batch negatives)")
-    steps = [int(s) for s in args.width_steps.split(",")]
-    for name, v in (("--width", args.width), *(("--width-steps", s) for s in steps)):
+    for name, v in (("--width", args.width), *(("--width-steps", int(s)) for s in args.width_steps.split(","))):
         if v % args.head_dim:
             raise SystemExit(f"error: {name} {v} is not a multiple of --head-dim {args.head_dim}")
     if not 0.0 <= args.pim_momentum <= 1.0:
@@ -314,20 +301,10 @@ def collate(batch, pad_id=0):
     return torch.stack(images), nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=pad_id), att
 
 
-class EvalImages(torch.utils.data.Dataset):
-    """Test images as uint8: synthetic ones are rendered already, files are resized and centre-cropped."""
-
-    def __init__(self, images, res):
-        self.images = images
-        self.transform = T.Compose([T.Resize(res, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(res),
-                                    T.PILToTensor()])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        return x if isinstance(x, torch.Tensor) else self.transform(pil_loader(x))
+def eval_batch(items, res):
+    """A collate_fn (in the workers): uint8 test images (B, 3, res, res), files resized and centre-cropped."""
+    tf = T.Compose([T.Resize(res, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(res), T.PILToTensor()])
+    return torch.stack([x if isinstance(x, torch.Tensor) else tf(pil_loader(x)) for x in items])
 
 
 # --- Model ---
@@ -564,9 +541,8 @@ def train_step(net, optimizer, scaler, batch, lr, device, amp):
 def batches(ds, sampler, args, pad_id, epoch, start):
     """Batches from (epoch, step) on, epoch after epoch."""
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                                         drop_last=True, pin_memory=torch.cuda.is_available(),
-                                         generator=torch.Generator(),
-                                         collate_fn=functools.partial(collate, pad_id=pad_id))
+                                         collate_fn=functools.partial(collate, pad_id=pad_id), drop_last=True,
+                                         pin_memory=torch.cuda.is_available(), generator=torch.Generator())
     while True:
         sampler.set_epoch(epoch, start)
         yield from loader
@@ -588,8 +564,7 @@ def proxy_score(model, ds, val, args, device, amp, pad_id, stage):
     model.eval()
     losses = []
     for s in range(0, len(val), args.batch_size):
-        image, ids, att = [x.to(device) for x in collate([val[k] for k in range(s, min(s + args.batch_size, len(val)))],
-                                                         pad_id)]
+        image, ids, att = [x.to(device) for x in collate(val[s:s + args.batch_size], pad_id)]
         with common.autocast(device, amp):
             img, txt = model.encode_image(image), model.encode_text(ids, att)
             losses.append(clip_loss(img, txt, model.scale(), gather=False))
@@ -615,48 +590,73 @@ def search(model, stage, data, data_ratio, grow, tok, args, device, amp):
 
 
 # --- Evaluation ---
+def shard(n):
+    """Rows [rank * ceil(n / world), ...) of n, the last repeated to equal sizes, and how many are this process's."""
+    start = common.get_rank() * (per := math.ceil(n / common.get_world_size()))
+    return [min(i, n - 1) for i in range(start, start + per)], max(0, min(per, n - start))
+
+
 def zero_shot_accuracy(img_feats, class_text_feats, labels):
-    """Top-1 (%) of argmax_c <u_i, w_c> for normalised image features (N, E) and class prompt features (C, E)."""
-    return 100.0 * ((img_feats @ class_text_feats.T).argmax(1) == labels).float().mean().item()
+    """Top-1 (%) of argmax_c <u_i, w_c> for this process's normalised image features (n, E) and the class prompt
+    features (C, E); correct counts and n summed over processes."""
+    c = torch.stack([((img_feats @ class_text_feats.T).argmax(1) == labels).sum(), labels.new_tensor(len(labels))])
+    c = common.all_reduce_sum(c)
+    return 100.0 * c[0].item() / c[1].item()
 
 
-def recall_at_k(sim_i2t, img2txt, txt2img):
-    """R@1/5/10 both ways: an image counts when its best-ranked caption is in the top K; a caption needs its image."""
-    def ranks(scores, positives):
-        rank_of = torch.argsort(torch.argsort(scores.float(), dim=1, descending=True, stable=True), dim=1)
-        return torch.stack([rank_of[i, torch.as_tensor(pos)].min() for i, pos in enumerate(positives)])
-    tr, ir = ranks(sim_i2t, img2txt), ranks(sim_i2t.T, [[p] for p in txt2img])
-    out = {f"txt_r{k}": 100.0 * (tr < k).float().mean().item() for k in (1, 5, 10)}
-    out.update({f"img_r{k}": 100.0 * (ir < k).float().mean().item() for k in (1, 5, 10)})
+@torch.no_grad()
+def recall_at_k(img, txt, txt2img, chunk=256):
+    """R@1/5/10 both ways of images (N_i, E) and captions (N_t, E), txt2img (N_t,): an image counts when its best-ranked
+    caption (ties: lower index first, as a stable argsort) is in the top K, a caption needs its image. Each process
+    ranks a part of the queries, chunk rows at a time (memory chunk x N); the hits are summed over processes."""
+    def hits(query, ids, gallery, gallery_ids):  # R@1, 5, 10 in %
+        rows = torch.arange(len(query), device=query.device).tensor_split(common.get_world_size())[common.get_rank()]
+        out, col = torch.zeros(3, dtype=torch.long, device=rows.device), torch.arange(len(gallery), device=rows.device)
+        for q, i in zip(query[rows].split(chunk), ids[rows, None].split(chunk)):
+            s, pos = q @ gallery.T, i == gallery_ids  # (b, N)
+            best = s.masked_fill(~pos, -math.inf).amax(1, keepdim=True)
+            first = torch.where(pos & (s == best), col, len(col)).amin(1, keepdim=True)  # the first best positive
+            rank = (s > best).sum(1) + ((s == best) & (col < first)).sum(1)
+            out += torch.stack([(rank < k).sum() for k in (1, 5, 10)])
+        return (common.all_reduce_sum(out).double() * 100 / len(query)).tolist()
+    ids = torch.arange(len(img), device=img.device)
+    out = dict(zip(("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"),
+                   hits(img, ids, txt, txt2img) + hits(txt, txt2img, img, ids)))
     return {"r_mean": sum(out.values()) / 6, **out}
 
 
 @torch.no_grad()
 def evaluate(model, test, zeroshot, tok, args, device, amp):
-    """Zero-shot top-1 by prompts (averaged over the datasets) and image-text retrieval R@K; every rank alike."""
+    """Zero-shot top-1 by prompts (averaged over the datasets) and image-text retrieval R@K, the same on every
+    process: each embeds its shard of the images and texts; the texts and retrieval images are gathered (N, E)."""
     model = common.unwrap(model).eval()  # the training loop puts it back in train mode
+    def images(items, gather=True):  # this process's own rows, or all of them (the repeats dropped)
+        idx, own = shard(len(items))
+        loader = torch.utils.data.DataLoader([items[i] for i in idx], batch_size=256, num_workers=args.workers,
+                                             collate_fn=functools.partial(eval_batch, res=args.image_res),
+                                             generator=torch.Generator())  # the global RNG untouched
+        x = torch.cat([model.encode_image(x.to(device)) for x in loader])
+        return common.concat_all_gather(x)[:len(items)] if gather else x[:own]
 
-    def texts(strings):
+    def texts(strings):  # tokenised whole: the padding does not depend on the shard
         t = tok([pre_caption(s) for s in strings], padding="longest", truncation=True, max_length=args.max_len,
                 return_tensors="pt")
-        return torch.cat([model.encode_text(t["input_ids"][s:s + 256].to(device), t["attention_mask"][s:s + 256]
-                                            .to(device)) for s in range(0, len(strings), 256)])
-
-    def images(items):
-        loader = torch.utils.data.DataLoader(EvalImages(items, args.image_res), batch_size=256,
-                                             num_workers=args.workers, generator=torch.Generator())
-        return torch.cat([model.encode_image(x.to(device)) for x in loader])
+        idx = shard(len(strings))[0]
+        ids, att = t["input_ids"][idx].to(device), t["attention_mask"][idx].to(device)
+        x = torch.cat([model.encode_text(ids[s:s + 256], att[s:s + 256]) for s in range(0, len(ids), 256)])
+        return common.concat_all_gather(x)[:len(strings)]
     out = {}
     with common.autocast(device, amp):
         for name, classes, samples in zeroshot:
-            prompts = texts([PROMPT.format(c) for c in classes])
-            labels = torch.tensor([y for _, y in samples], device=device)
-            out[f"zeroshot_{name}"] = zero_shot_accuracy(images([x for x, _ in samples]), prompts, labels)
+            idx, own = shard(len(samples))
+            labels = torch.tensor([samples[i][1] for i in idx[:own]], dtype=torch.long, device=device)
+            out[f"zeroshot_{name}"] = zero_shot_accuracy(images([x for x, _ in samples], gather=False),
+                                                         texts([PROMPT.format(c) for c in classes]), labels)
         if test:
-            caps = [c for it in test for c in it["caption"]]
-            txt2img = [i for i, it in enumerate(test) for _ in it["caption"]]
-            img2txt = [[j for j, i2 in enumerate(txt2img) if i2 == i] for i in range(len(test))]
-            out.update(recall_at_k(images([it["image"] for it in test]) @ texts(caps).T, img2txt, txt2img))
+            img, txt = images([it["image"] for it in test]), texts([c for it in test for c in it["caption"]])
+    if test:
+        txt2img = [i for i, it in enumerate(test) for _ in it["caption"]]
+        out.update(recall_at_k(img, txt, torch.tensor(txt2img, device=device)))
     if zeroshot:
         out = {"zeroshot_top1": sum(out[f"zeroshot_{n}"] for n, _, _ in zeroshot) / len(zeroshot), **out}
     return out

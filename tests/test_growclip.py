@@ -120,9 +120,11 @@ def test_clip_loss_and_metrics_at_known_points():
     feats, classes = T([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]]), T([[1.0, 0.0], [0.0, 1.0]])
     assert growclip.zero_shot_accuracy(feats, classes, T([0, 1, 1])) == pytest.approx(200 / 3)
     sims = T([[0.9, 0.1, 0.8], [0.2, 0.3, 0.95]])  # image 0 owns captions 0, 1; image 1 owns caption 2
-    r = growclip.recall_at_k(sims, [[0, 1], [2]], [0, 0, 1])
+    r = growclip.recall_at_k(sims, torch.eye(3), T([0, 0, 1]))  # image features = the rows: sims = img @ txt^T
     assert r["txt_r1"] == 100 and r["img_r1"] == pytest.approx(200 / 3) and r["img_r5"] == 100
     assert r["r_mean"] == pytest.approx((100 * 5 + 200 / 3) / 6)
+    tie = growclip.recall_at_k(T([[0.5, 0.5], [0.5, 0.5]]), torch.eye(2), T([0, 1]))  # ties: the lower index first
+    assert tie["txt_r1"] == tie["img_r1"] == 50
 
 
 def test_check_args():
@@ -180,6 +182,42 @@ def test_two_processes_give_the_one_process_gradients(tmp_path):
         for r in range(2):
             err = (two[r][1][name] - ref).norm()
             assert err <= 1e-4 * ref.norm() + 1e-7, f"{name}: |diff| {err:.3g} vs |grad| {ref.norm():.3g}"
+
+
+def _eval(out):
+    """evaluate() of a tiny random model on 61 zero-shot images (120 prompts) and 21 test images (42 captions); the
+    images and texts this process embedded."""
+    torch.set_num_threads(1)
+    args = growclip.get_args(["--tiny", "--output-dir", str(out), "--workers", "0"])
+    _, _, test, zeroshot = growclip.load_data(args)
+    zeroshot = [(n, classes, samples[::2][:61]) for n, classes, samples in zeroshot]  # labels 0, 0, 1, 1, ...
+    tok = growclip.make_tokenizer(args, [c for it in test for c in it["caption"]] + [growclip.PROMPT.format(c) for c in
+                                                                                     zeroshot[0][1]])
+    model, rows = tiny_model(growclip.arch_of(args), vocab=len(tok)), {"image": 0, "text": 0}
+    for key, proj in (("image", model.vision_proj), ("text", model.text_proj)):
+        proj.register_forward_hook(lambda m, x, y, key=key: rows.update({key: rows[key] + len(x[0])}))
+    return {"rows": rows, **growclip.evaluate(model, test[:21], zeroshot, tok, args, torch.device("cpu"), "none")}
+
+
+def _eval_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_eval(out), f"{out}/eval{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each process embeds its shard of the zero-shot images (31 of 61, the last repeated on rank 1) and sums its
+    correct counts; prompts (60 of 120), test images (11 of 21) and captions (21 of 42) are gathered and each
+    process ranks a part of the queries: the metrics of one process."""
+    import torch.multiprocessing as mp
+    mp.spawn(_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/eval{r}.pt") for r in range(2)]
+    one = _eval(tmp_path)
+    assert one.pop("rows") == {"image": 82, "text": 162}
+    assert all(t.pop("rows") == {"image": 42, "text": 81} for t in two)
+    assert one["zeroshot_top1"] > 0 and 0 < one["r_mean"] < 100
+    assert all(t == pytest.approx(one) for t in two), (one, two)
 
 
 # --- 4. Resume is exact, across a growth and inside a grown stage ---
