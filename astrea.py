@@ -11,14 +11,13 @@ widths; one adapter per expert maps them into the text space, a router (adaptive
 fusion stack with probabilistically activated stochastic residuals refines the mix. Progressive pre-alignment adds
 the experts one stage at a time (contrastive alignment to the text: in-batch InfoNCE, or momentum contrast with
 --align-loss moco); a joint stage then trains everything by momentum contrast (momentum encoders and queues), with
-load balancing and a caption decoder. Before the stages each expert is specialised
-on its own task of the data (classes, boxes, masks, caption words) [inferred: stands in for the experts' own
-pretraining; --expert-steps 0 for pretrained experts].
+load balancing and a caption decoder. Before the stages each expert is specialised on its own task of the data
+(classes, boxes, masks, caption words) [inferred: their own pretraining; --expert-steps 0 for pretrained experts].
 
-Where (sourced: the parts; their forms are [inferred]): g = softmax(W_r mean_k z_k / T_r), z = sum_k g_k z_k: `route`,
-`Router`; L_bal = n sum_k gbar_k^2: `load_balance_loss`; h <- F(h) + b h, b ~ Bernoulli(p): `stochastic_residual`,
-`Fusion`; L_moco and L_align: `moco_loss`, `info_nce`; one step: `astrea_losses`; the stages: `schedule`, `set_stage`.
-Evaluation: R@1/5/10 (`recall_at_k`), caption BLEU-4 (`bleu`), nearest-class-mean accuracy, router weights per stage.
+Where (sourced: the parts; their forms are [inferred]): g = softmax(W_r mean_k z_k / T_r), z = sum_k g_k z_k: `route`;
+L_bal = n sum_k gbar_k^2: `load_balance_loss`; h <- F(h) + b h, b ~ Bernoulli(p): `stochastic_residual`, `Fusion`;
+L_moco, L_align: `moco_loss`, `info_nce`; one step: `astrea_losses`; stages: `schedule`, `set_stage`; evaluation:
+R@1/5/10 (`recall_at_k`), caption BLEU-4 (`bleu`), nearest-class-mean accuracy, router weights per stage.
 
 Launch:
   python astrea.py --tiny                                                  # CPU smoke run, built-in scenes
@@ -68,11 +67,9 @@ TINY = dict(batch_size=32, lr=2e-3, tau=0.2, workers=0, log_every=20, image_res=
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Astrea (arXiv 2503.09445): mixture of vision experts, progressive "
                                 "contrastive pre-alignment")
-    p.add_argument("--data", default="synthetic", help="'synthetic', or JSON file(s), comma-separated, of "
-                   "[{image, caption[, labels, boxes]}]")
+    p.add_argument("--data", default="synthetic", help="'synthetic', or JSON files [{image, caption[, labels, boxes]}]")
     p.add_argument("--output-dir", default="runs/astrea")
-    p.add_argument("--epochs", type=int, default=None, help="if given, the joint stage lasts this many epochs "
-                   "instead of --joint-iters")
+    p.add_argument("--epochs", type=int, default=None, help="if given: the joint stage's epochs (not --joint-iters)")
     p.add_argument("--batch-size", type=int, default=64, help="per process (spec: 64 in all)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr, a cosine to 0 within each stage [inferred]")
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -88,16 +85,13 @@ def get_args(argv=None):
     m = p.add_argument_group("method")
     m.add_argument("--eval-data", default=None, help="test JSON [{image, caption: [...][, labels]}]")
     m.add_argument("--image-root", default="", help="prefix of relative image paths")
-    m.add_argument("--experts", default="cls,cap,det,seg", help="experts E_k in the order of the progressive stages "
-                   "[inferred order]: cls/classification, cap/captioning, det/detection, seg/segmentation")
-    m.add_argument("--expert-steps", type=int, default=1000, help="[inferred] steps specialising each expert on its "
-                   "task first (0 for pretrained experts)")
+    m.add_argument("--experts", default="cls,cap,det,seg", help="E_k, in stage order [inferred]")
+    m.add_argument("--expert-steps", type=int, default=1000, help="[inferred] each expert's own task steps first")
     m.add_argument("--stage-iters", type=int, default=1000, help="iterations of each alignment stage s [inferred]")
     m.add_argument("--joint-iters", type=int, default=5000, help="iterations of the joint stage [inferred]")
-    m.add_argument("--align-loss", choices=["infonce", "moco"], default="infonce", help="[inferred] alignment stages "
-                   "by in-batch InfoNCE L_align^s (spec) or by momentum contrast (the joint stage: always MoCo)")
-    m.add_argument("--moco-layout", choices=["queue_only", "inbatch_queue"], default="queue_only", help="[inferred] "
-                   "L_moco logits [positive, queue] (MoCo v2) or [in-batch momentum keys, queue] (CTP)")
+    m.add_argument("--align-loss", choices=["infonce", "moco"], default="infonce", help="[inferred] L_align^s")
+    m.add_argument("--moco-layout", choices=["queue_only", "inbatch_queue"], default="queue_only",
+                   help="[inferred] L_moco logits [positive, queue] (MoCo v2) or [in-batch keys, queue] (CTP)")
     m.add_argument("--reset-queue", action=argparse.BooleanOptionalAction, default=True, help="[inferred] at the start "
                    "of each momentum stage: random queues, momentum model = online (keys of fewer experts are stale)")
     m.add_argument("--tau", type=float, default=0.07, help="temperature tau [inferred]")
@@ -115,10 +109,9 @@ def get_args(argv=None):
     m.add_argument("--max-len", type=int, default=30, help="text tokens")
     m.add_argument("--text-encoder", default="bert-base-uncased", help="BERT: HF name or local dir")
     m.add_argument("--text-pool", choices=["mean", "cls"], default="mean", help="[inferred] text feature")
-    m.add_argument("--caption-vit", default="google/vit-base-patch16-224-in21k", help="captioning expert's ViT (e.g. "
-                   "a captioning model's encoder saved as a ViTModel): HF name or local dir")
-    m.add_argument("--expert-weights", default="default", help="torchvision experts: 'default' (torchvision's COCO / "
-                   "COCO-VOC / ImageNet weights), 'none', or a dir of {detection,segmentation,classification}.pth")
+    m.add_argument("--caption-vit", default="google/vit-base-patch16-224-in21k", help="captioning expert's ViT")
+    m.add_argument("--expert-weights", default="default", help="torchvision experts: 'default' (torchvision's), "
+                   "'none', or a dir of {detection,segmentation,classification}.pth")
     m.add_argument("--no-pretrained", action="store_true", help="BERT, ViT and experts from scratch (no download)")
     args = p.parse_args(argv)
     if args.tiny:  # the preset only for flags not given on the command line
@@ -303,8 +296,7 @@ def task_targets(labels, boxes, n_classes, res):
 
 
 class PairSet(torch.utils.data.Dataset):
-    """(image, ids, cls target, det target, seg mask, has annotations); the caption choice and the rendering depend
-    only on the sampler's per-sample seed: resumed and multi-process runs see the same batches."""
+    """(image, ids, cls target, det target, seg mask, has annotations), seeded per sample (resumable, per rank)."""
 
     def __init__(self, entries, tok, args, n_classes):
         self.entries, self.args, self.n_classes = entries, args, n_classes
@@ -336,8 +328,7 @@ class PairSet(torch.utils.data.Dataset):
 
 # --- Model ---
 class Trunk(nn.Module):
-    """A torchvision backbone (-> dict or map) and a neck -> feature map (B, C, h, w); FPN levels are resized to the
-    finest and concatenated, so that every level (and parameter) takes part."""
+    """A torchvision backbone and a neck -> (B, C, h, w); FPN levels resized to the finest and concatenated."""
 
     def __init__(self, body, neck, keys, channels):
         super().__init__()
@@ -352,8 +343,7 @@ class Trunk(nn.Module):
 
 
 def torchvision_expert(kind, args):
-    """detection: MobileNetV3 + FPN (fasterrcnn_mobilenet_v3_large_fpn's backbone); segmentation: dilated
-    MobileNetV3 + ASPP (deeplabv3_mobilenet_v3_large's); classification: ResNet-18. --tiny: the same blocks, small."""
+    """Faster R-CNN's MobileNetV3 + FPN, DeepLabV3's dilated MobileNetV3 + ASPP, ResNet-18; --tiny: the same, small."""
     tv = torchvision.models
     if args.tiny:  # [inferred] small widths for 32-px images (heterogeneous: 40, 24, 128 channels)
         if kind == "detection":
@@ -368,12 +358,9 @@ def torchvision_expert(kind, args):
     local = w is not None and os.path.isdir(w)
     try:
         kw = {} if w is None or local else {"weights": "DEFAULT"}
-        if kind == "detection":
-            net = tv.detection.fasterrcnn_mobilenet_v3_large_fpn(weights_backbone=None, **kw)
-        elif kind == "segmentation":
-            net = tv.segmentation.deeplabv3_mobilenet_v3_large(weights_backbone=None, **kw)
-        else:
-            net = tv.resnet18(**kw)
+        net = {"detection": tv.detection.fasterrcnn_mobilenet_v3_large_fpn, "classification": tv.resnet18,
+               "segmentation": tv.segmentation.deeplabv3_mobilenet_v3_large}[kind](
+            **kw, **({} if kind == "classification" else {"weights_backbone": None}))
         if local:
             net.load_state_dict(torch.load(os.path.join(w, f"{kind}.pth"), map_location="cpu"))
     except Exception as e:  # offline download, a missing or mismatched file
@@ -381,9 +368,8 @@ def torchvision_expert(kind, args):
                          "--expert-weights DIR with local state dicts, or --expert-weights none") from None
     if kind == "detection":
         return Trunk(net.backbone, nn.Identity(), ("0", "1"), 512)
-    if kind == "segmentation":
-        neck = nn.Sequential(*list(net.classifier)[:4])  # ASPP + 3x3 conv, without the class conv
-        return Trunk(net.backbone, neck, ("out",), 256)
+    if kind == "segmentation":  # the neck: ASPP + 3x3 conv, without the class conv
+        return Trunk(net.backbone, nn.Sequential(*list(net.classifier)[:4]), ("out",), 256)
     return Trunk(nn.Sequential(*list(net.children())[:-2]), nn.Identity(), (), 512)
 
 
@@ -399,9 +385,8 @@ def hf_model(cls, tiny_cfg, scratch_cfg, name, flag, args):
 
 
 class Expert(nn.Module):
-    """E_k: a feature extractor and its task head. features() -> (B, d_k), d_k differs per expert: grid-pooled maps
-    keep *where* for detection and segmentation (2 x 2) [inferred], classification pools globally, the captioning
-    ViT averages its tokens (a random [CLS] varies little between images)."""
+    """E_k: a feature extractor and its task head. features() -> (B, d_k): detection and segmentation pool to 2 x 2
+    (keep *where*) [inferred], classification globally, the captioning ViT averages its tokens."""
 
     def __init__(self, kind, args, n_classes, vocab):
         super().__init__()
@@ -423,15 +408,12 @@ class Expert(nn.Module):
         self.head = nn.Linear(c, out) if kind in ("classification", "captioning") else nn.Conv2d(c, out, 1)
 
     def trunk(self, x):
-        if self.kind == "captioning":
-            return self.net(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state
-        return self.net(x)
+        cap = self.kind == "captioning"
+        return self.net(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state if cap else self.net(x)
 
     def features(self, x):
-        y = self.trunk(x)
-        if self.kind == "captioning":
-            return y.mean(1)
-        return F.adaptive_avg_pool2d(y, 2 if self.kind in ("detection", "segmentation") else 1).flatten(1)
+        y, grid = self.trunk(x), 2 if self.kind in ("detection", "segmentation") else 1
+        return y.mean(1) if self.kind == "captioning" else F.adaptive_avg_pool2d(y, grid).flatten(1)
 
     def task_loss(self, x, cls_t, det_t, mask, has, pad_id):
         """The expert's own task [inferred]: class BCE, YOLO-style grid boxes, per-pixel CE, caption bag of words."""
@@ -670,20 +652,35 @@ def set_stage(model, stage):
 
 
 # --- Evaluation ---
-def recall_at_k(scores, img2txt, txt2img):
-    """R@1/5/10 both ways: an image counts when its best-ranked caption is in the top K; a caption needs its image."""
-    rank = torch.argsort(torch.argsort(scores, dim=1, descending=True, stable=True), dim=1)  # (N_img, N_txt) ranks
-    rank_t = torch.argsort(torch.argsort(scores.T, dim=1, descending=True, stable=True), dim=1)
-    tr = torch.stack([rank[i, torch.as_tensor(p)].min() for i, p in enumerate(img2txt)])
-    ir = rank_t[torch.arange(len(txt2img)), torch.as_tensor(txt2img)]
-    out = {f"txt_r{k}": 100.0 * (tr < k).float().mean().item() for k in (1, 5, 10)}
-    out.update({f"img_r{k}": 100.0 * (ir < k).float().mean().item() for k in (1, 5, 10)})
+def shard(n):
+    """Rows [rank * ceil(n / world), ...) of n, the last repeated to equal sizes, and how many are this process's."""
+    start = common.get_rank() * (per := math.ceil(n / common.get_world_size()))
+    return [min(i, n - 1) for i in range(start, start + per)], max(0, min(per, n - start))
+
+
+@torch.no_grad()
+def recall_at_k(img, txt, txt2img, chunk=256):
+    """R@1/5/10 both ways of images (N_i, E) and captions (N_t, E), txt2img (N_t,), the best positive's rank (ties:
+    lower index first): each process ranks a part of the queries, chunk rows at a time; the hits are summed."""
+    def hits(query, ids, gallery, gallery_ids):  # R@1, 5, 10 in %
+        rows = torch.arange(len(query), device=query.device).tensor_split(common.get_world_size())[common.get_rank()]
+        out, col = torch.zeros(3, dtype=torch.long, device=rows.device), torch.arange(len(gallery), device=rows.device)
+        for q, i in zip(query[rows].split(chunk), ids[rows, None].split(chunk)):
+            s, pos = q @ gallery.T, i == gallery_ids  # (b, N)
+            best = s.masked_fill(~pos, -math.inf).amax(1, keepdim=True)
+            first = torch.where(pos & (s == best), col, len(col)).amin(1, keepdim=True)  # the first best positive
+            rank = (s > best).sum(1) + ((s == best) & (col < first)).sum(1)
+            out += torch.stack([(rank < k).sum() for k in (1, 5, 10)])
+        return (common.all_reduce_sum(out).double() * 100 / len(query)).tolist()
+    ids = torch.arange(len(img), device=img.device)
+    out = dict(zip(("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"),
+                   hits(img, ids, txt, txt2img) + hits(txt, txt2img, img, ids)))
     return {"r_mean": sum(out.values()) / 6, **out}
 
 
 def bleu(candidates, references, n=4):
-    """Corpus BLEU-n (Papineni et al. 2002): clipped n-gram precisions, geometric mean, brevity penalty against the
-    closest reference length. candidates: [[tokens]], references: [[[tokens], ...]]."""
+    """Corpus BLEU-n (Papineni et al. 2002): clipped n-gram precisions, geometric mean, brevity penalty (closest
+    reference). candidates [[tokens]], references [[[tokens], ...]]: this process's part, counts summed over all."""
     match, total, c_len, r_len = [0] * n, [0] * n, 0, 0
     for cand, refs in zip(candidates, references):
         c_len += len(cand)
@@ -695,70 +692,73 @@ def bleu(candidates, references, n=4):
                 best |= collections.Counter(tuple(r[i:i + k]) for i in range(len(r) - k + 1))
             match[k - 1] += sum(min(c, best[g]) for g, c in grams.items())
             total[k - 1] += max(len(cand) - k + 1, 0)
+    match, total, c_len, r_len = ([sum(x) for x in zip(*parts)] for parts in zip(*common.gather_objects(
+        [match, total, [c_len], [r_len]])))
     if min(match) == 0:
         return 0.0
-    bp = 1.0 if c_len > r_len else math.exp(1 - r_len / max(c_len, 1))
+    bp = 1.0 if c_len[0] > r_len[0] else math.exp(1 - r_len[0] / max(c_len[0], 1))
     return bp * math.exp(sum(math.log(m / t) for m, t in zip(match, total)) / n)
 
 
 @torch.no_grad()
 def greedy_captions(model, z, max_len):
     ids = torch.full((len(z), 1), model.cls_id, dtype=torch.long, device=z.device)
-    out, h = [], None
+    h = None
     for _ in range(max_len):
         logits, h = model.captioner(z, ids[:, -1:], h)
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
-    for row in ids[:, 1:].tolist():
-        row = row[:row.index(model.sep_id)] if model.sep_id in row else row
-        out.append([w for w in row if w not in (model.pad_id, model.cls_id)])
-    return out
+    until_sep = lambda r: r[:r.index(model.sep_id)] if model.sep_id in r else r  # noqa: E731
+    return [[w for w in until_sep(r) if w not in (model.pad_id, model.cls_id)] for r in ids[:, 1:].tolist()]
 
 
 @torch.no_grad()
 def embed_images(model, images, active, args, device, amp):
+    """This process's shard (image i rendered with a seed of i) -> fused embeddings, router weights, own row count."""
     tf = T.Compose([T.Resize((args.image_res, args.image_res)), T.ToTensor(), T.Normalize(MEAN, STD)])
-    zs, ws = [], []
+    (idx, own), zs, ws = shard(len(images)), [], []
     with common.autocast(device, amp):
-        for s in range(0, len(images), 64):  # a fixed rendering per synthetic image
-            x = torch.stack([render(im, args.image_res, args.seed * 1000003 + i)[0] if isinstance(im, tuple)
-                             else tf(pil_loader(im)) for i, im in enumerate(images[s:s + 64], s)]).to(device)
-            z, w = model.align.image({k: model.experts[k].features(x) for k in active}, active)
+        for s in range(0, len(idx), 64):
+            x = torch.stack([render(images[i], args.image_res, args.seed * 1000003 + i)[0]
+                             if isinstance(images[i], tuple) else tf(pil_loader(images[i])) for i in idx[s:s + 64]])
+            z, w = model.align.image({k: model.experts[k].features(x.to(device)) for k in active}, active)
             zs.append(z), ws.append(w.float())
-    return torch.cat(zs), torch.cat(ws)
+    return torch.cat(zs), torch.cat(ws), own
 
 
 @torch.no_grad()
 def evaluate(model, test, train, tok, stage, args, device, amp, captions=False):
-    """Retrieval R@K, router weights and L_bal, nearest-class-mean accuracy on the fused embeddings, caption BLEU-4.
-    Every process evaluates the whole (small) test set."""
+    """Retrieval R@K, router weights and L_bal, nearest-class-mean accuracy, caption BLEU-4, alike on every process:
+    each embeds its shard (retrieval gathers the (N, D)); weights, class sums, correct and n-gram counts summed."""
     model = common.unwrap(model)
     modes = [m.training for m in model.modules()]
     model.eval()
-    active = stage[3]
-    texts = [c for it in test for c in it["caption"]]
-    txt2img = [i for i, it in enumerate(test) for _ in it["caption"]]
-    img2txt = [[j for j, i2 in enumerate(txt2img) if i2 == i] for i in range(len(test))]
-    z, w = embed_images(model, [it["image"] for it in test], active, args, device, amp)
-    t = tok(texts, padding="max_length", truncation=True, max_length=args.max_len, return_tensors="pt")
+    active, (idx, own), texts = stage[3], shard(len(test)), [c for it in test for c in it["caption"]]
+    z, w, _ = embed_images(model, [it["image"] for it in test], active, args, device, amp)
+    t = tok([texts[i] for i in shard(len(texts))[0]], padding="max_length", truncation=True, max_length=args.max_len,
+            return_tensors="pt")
     ids, att = t["input_ids"].to(device), t["attention_mask"].to(device)
     with common.autocast(device, amp):
         t = torch.cat([model.align.text(ids[s:s + 256], att[s:s + 256]) for s in range(0, len(ids), 256)])
-    out = recall_at_k((z @ t.T).float().cpu(), img2txt, txt2img)
-    g = w.mean(0)
+    txt2img = torch.tensor([i for i, it in enumerate(test) for _ in it["caption"]], device=device)
+    out = recall_at_k(common.concat_all_gather(z)[:len(test)], common.concat_all_gather(t)[:len(texts)], txt2img)
+    z, g = z[:own], common.all_reduce_sum(w[:own].double().sum(0)) / len(test)  # the mean router weights
     out.update({f"weight_{k}": g[i].item() for i, k in enumerate(active)})
-    out["load_balance"] = load_balance_loss(w).item()
+    out["load_balance"] = load_balance_loss(g[None]).item()
     labelled = [(im, a["labels"][0]) for im, _, a in train[:1000] if a.get("labels")]
-    test_y = [(i, it["labels"][0]) for i, it in enumerate(test) if it.get("labels")]
-    if labelled and test_y:  # classification: nearest class mean of the fused train embeddings
-        zt, _ = embed_images(model, [im for im, _ in labelled], active, args, device, amp)
-        y = torch.tensor([v for _, v in labelled], device=device)
-        means = F.normalize(torch.zeros(int(y.max()) + 1, zt.shape[1], device=device).index_add_(0, y, zt), dim=1)
-        pred = (z[[i for i, _ in test_y]] @ means.T).argmax(1).cpu()
-        out["cls_acc"] = 100.0 * (pred == torch.tensor([v for _, v in test_y])).float().mean().item()
+    n_test = sum(bool(it.get("labels")) for it in test)
+    if labelled and n_test:  # classification: nearest class mean of the fused train embeddings
+        zt, _, n = embed_images(model, [im for im, _ in labelled], active, args, device, amp)
+        y = torch.tensor([v for _, v in labelled], device=device)[shard(len(labelled))[0][:n]]
+        sums = torch.zeros(int(max(v for _, v in labelled)) + 1, zt.shape[1], dtype=torch.float64, device=device)
+        means = F.normalize(common.all_reduce_sum(sums.index_add_(0, y, zt[:n].double())).float(), dim=1)
+        mine = [(k, test[i]["labels"][0]) for k, i in enumerate(idx[:own]) if test[i].get("labels")]
+        correct = ((z[[k for k, _ in mine]] @ means.T).argmax(1) == torch.tensor([v for _, v in mine], device=device))
+        out["cls_acc"] = 100.0 * common.all_reduce_sum(correct.sum()).item() / n_test
     if captions:
         cands = greedy_captions(model, z, args.max_len)
         words = lambda ids: tok.decode(ids, skip_special_tokens=True).split()  # noqa: E731
-        out["bleu4"] = 100.0 * bleu([words(c) for c in cands], [[c.split() for c in it["caption"]] for it in test])
+        out["bleu4"] = 100.0 * bleu([words(c) for c in cands], [[c.split() for c in test[i]["caption"]]
+                                                                  for i in idx[:own]])
     for m, mode in zip(model.modules(), modes):
         m.training = mode
     return out

@@ -80,7 +80,7 @@ def test_bleu_worked_examples():
 
 def test_recall_at_k_worked_example():
     s = T([[.9, .1, .8, .2], [.3, .95, .2, .1]])  # images 0, 1; captions 0, 1 of image 0 and 2, 3 of image 1
-    r = astrea.recall_at_k(s, [[0, 1], [2, 3]], [0, 0, 1, 1])
+    r = astrea.recall_at_k(s, torch.eye(4), T([0, 0, 1, 1]))  # image features = the rows: s = img @ txt^T
     assert (r["txt_r1"], r["txt_r5"], r["img_r1"], r["img_r5"]) == pytest.approx((50, 100, 25, 100))
     assert r["r_mean"] == pytest.approx((50 + 100 + 100 + 25 + 100 + 100) / 6)
 
@@ -233,6 +233,48 @@ def test_two_processes_fill_the_queue_with_the_gathered_batch(tmp_path):
     assert_tensors_close(q0, q1)  # the same queue on every process, in rank order
     assert q0["image"][:4, 0].tolist() == [0, 0, 1, 1] and q0["text"][:4, 0].tolist() == [10, 10, 11, 11]
     assert q0["ptr"].item() == 4
+
+
+def _sharded_eval(world, rank, out):
+    """evaluate() of a tiny random model (all experts, captions) on 21 test scenes and 61 labelled training scenes,
+    the images and captions this process embedded; and BLEU of this process's half of a fixed corpus."""
+    torch.set_num_threads(1)
+    args = astrea.get_args(["--tiny", "--output-dir", str(out), "--workers", "0"])
+    train, test, n_classes = astrea.load_data(args)
+    tok = astrea.make_tokenizer(args, [c for _, caps, _ in train for c in caps])
+    torch.manual_seed(0)
+    model, rows = astrea.Astrea(args, n_classes, tok), {"image": 0, "text": 0}
+    for key, mod in (("image", model.align.fusion), ("text", model.align.text_proj)):
+        mod.register_forward_hook(lambda m, x, y, key=key: rows.update({key: rows[key] + len(x[0])}))
+    m = astrea.evaluate(model, test[:21], train[:61], tok, astrea.schedule(args)[-1], args, torch.device("cpu"), "none",
+                        captions=True)
+    cands = [c.split() for c in ("a b c d", "a b x", "c d e", "a b")]
+    refs = [[r.split()] for r in ("a b c d", "a b c", "c d", "a b c")]
+    part = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    return {"rows": rows, "bleu_part": astrea.bleu(cands[part], refs[part], n=2),
+            "captions": sum(len(it["caption"]) for it in test[:21]), **m}
+
+
+def _sharded_eval_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.save(_sharded_eval(world, rank, out), f"{out}/eval{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_one_process_and_holds_a_shard(tmp_path):
+    """Each process embeds its shard of the test and labelled train images (11 of 21 and 31 of 61, the last repeated
+    on rank 1) and of the captions; retrieval gathers the embeddings and sums the hits; router weights, class sums,
+    correct counts and BLEU n-gram counts are summed: the metrics of one process."""
+    import torch.multiprocessing as mp
+    mp.spawn(_sharded_eval_worker, args=(2, f"{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
+    two = [torch.load(f"{tmp_path}/eval{r}.pt") for r in range(2)]
+    one = _sharded_eval(1, 0, tmp_path)
+    n = one["captions"]
+    assert one.pop("rows") == {"image": 82, "text": n}
+    assert all(t.pop("rows") == {"image": 42, "text": (n + 1) // 2} for t in two)
+    assert 0 < one["r_mean"] < 100 and 0 < one["cls_acc"] and 0 < one["bleu_part"] < 1
+    assert all(t == pytest.approx(one) for t in two), (one, two)
 
 
 # --- 4. Resume is exact, across stages ---
