@@ -11,16 +11,15 @@ averaged per participant, are probed linearly for demographics and health condit
 SimCLR-style ablation (two augmentations of one segment). There is no official code for the paper; the mechanics
 follow Apple's official follow-up apple/ml-ppg-age-analysis, whose README says its SSL training is adapted from it.
 
-Implemented here: the encoder (`EfficientNet1d`, `MBConv1d`) and projection head (`Embedder`); participant
-positive pairs (`participant_pairs`, `PairSampler`); the augmentation module (`stochastic_cascade` and its five
-augmentations, not-a-knot cubic splines in `cubic_spline`); the loss (`nt_xent_pid`: InfoNCE with momentum keys,
-both directions, same-participant within-view negatives masked; `koleo_loss`; `regularized_loss` = InfoNCE + gamma
-KoLeo); the EMA update at the start of each step (common.ema_update_); evaluation (`evaluate`): participant means of
-frozen embeddings (`participant_mean`), ridge with leave-one-out alpha selection (`ridge_fit`, `ridge_loo_alpha`) for
-continuous and L2 logistic regression (`logistic_fit`) with ROC AUC (`roc_auc`) for binary attributes, plus
-participant re-identification and RankMe. [inferred]: the synthetic cohort, the --tiny preset, the probe details
-(split, alpha grid, logistic C), the batch composition (B distinct participants), KoLeo and negatives over the global
-batch under DDP, ECG augmentation probabilities and rate [secondary], the cosine momentum schedule variant.
+Implemented here: encoder `EfficientNet1d`, `MBConv1d`, head `Embedder`; participant pairs `participant_pairs`,
+`PairSampler`; augmentations `stochastic_cascade` (five; not-a-knot splines in `cubic_spline`); the loss `nt_xent_pid`
+(InfoNCE with momentum keys, both directions, same-participant within-view negatives masked), `koleo_loss`,
+`regularized_loss` = InfoNCE + gamma KoLeo; the EMA update at the start of each step (common.ema_update_);
+`evaluate`: `participant_mean`, ridge with leave-one-out alpha (`ridge_fit`, `ridge_loo_alpha`) for continuous and
+L2 logistic regression (`logistic_fit`) with `roc_auc` for binary attributes, re-identification and RankMe.
+[inferred]: the synthetic cohort, the --tiny preset, the probe details (split, alpha grid, logistic C), the batch
+composition (B distinct participants), KoLeo and negatives over the global batch under DDP, ECG augmentation
+probabilities and rate [secondary], the cosine momentum schedule variant.
 
 Data: `--data DIR` holds signals.npy (float, N x C x T; or signals.npz with an array `signals`), segments.csv (a
 header with a `pid` column, then one row per segment in the order of signals) and participants.csv (header
@@ -57,8 +56,7 @@ PAPER_GLOBAL_BATCH = 256  # the follow-up's config: "batch 256 for similar resul
 AUG_PROBS = {"ppg": (0.4, 0.25, 0.15, 0.25, 0.25),  # official follow-up config
              "ecg": (0.8, 0.5, 0.3, 0.5, 0.0)}  # [secondary, unverified]; one lead: no channel permutation
 # --tiny [inferred]: D = 36 (f = 1), head 36 -> 128 -> 32, 5-s segments (320 samples at 64 Hz), 240 participants
-# (160 train) x 16 segments, batch 16, 160 steps at lr 3e-3 and m 0.98, a wider ridge grid for 160 probe participants.
-# The spec's D = 72 on 640 samples learns too, but at ~3x the CPU time of the one-minute budget.
+# (160 train) x 16 segments, batch 16, 160 steps, lr 3e-3, m 0.98, a wider ridge grid (the spec's D = 72: 3x slower).
 TINY = dict(epochs=16, batch_size=16, lr=3e-3, workers=0, log_every=20, width=36, proj="128,32", momentum=0.98,
             ridge_alphas="1e-2,0.1,1,10,100,1000")
 
@@ -67,11 +65,9 @@ def get_args(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(description="Wearable biosignal foundation model (arXiv 2312.05409)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder with signals.npy, segments.csv and "
-                   "participants.csv (layout in the docstring)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder (signals.npy, segments.csv...)")
     p.add_argument("--output-dir", default="runs/biosignal")
-    p.add_argument("--epochs", type=int, default=100, help="passes over the training participants, one pair each "
-                   "[inferred: the paper's schedule is not public]")
+    p.add_argument("--epochs", type=int, default=100, help="passes over the train participants [inferred]")
     p.add_argument("--batch-size", type=int, default=256, help="participants (pairs) per process; the paper-scale "
                    "global batch is 256: the default on one GPU, 32 on 8 GPUs")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr (official follow-up)")
@@ -81,16 +77,12 @@ def get_args(argv=None):
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the student (after DDP); BACKEND e.g. aot_eager for a quick CPU check")
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate the checkpoint in --output-dir (or the untrained model)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps; 0 = evaluate the untrained model")
-    p.add_argument("--tiny", action="store_true", help="small encoder, short schedule, small synthetic cohort: CPU "
-                   "smoke run [inferred]")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the checkpoint in --output-dir")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps; 0: the untrained model")
+    p.add_argument("--tiny", action="store_true", help="small encoder, schedule and cohort: a CPU smoke run [inferred]")
     p.add_argument("--log-every", type=int, default=50)
     m = p.add_argument_group("method")
-    m.add_argument("--modality", choices=["ppg", "ecg"], default="ppg", help="4-channel PPG or single-lead ECG: "
-                   "picks the synthetic signal and the augmentation probabilities")
+    m.add_argument("--modality", choices=["ppg", "ecg"], default="ppg", help="4-channel PPG or single-lead ECG")
     m.add_argument("--pairs", choices=["participant", "segment"], default="participant", help="positives: two "
                    "segments of one participant (the paper) or two augmentations of one segment (ablation)")
     m.add_argument("--width", type=int, default=256, help="D, the embedding size; channels scale with f = D/36")
@@ -98,26 +90,19 @@ def get_args(argv=None):
     m.add_argument("--dropout", type=float, default=0.1, help="dropout in the projection head")
     m.add_argument("--tau", type=float, default=0.04, help="temperature tau of the InfoNCE")
     m.add_argument("--koleo", type=float, default=0.1, help="gamma, weight of the KoLeo regulariser")
-    m.add_argument("--momentum", type=float, default=0.99, help="m of the EMA teacher, theta_t <- m theta_t + "
-                   "(1 - m) theta_s")
+    m.add_argument("--momentum", type=float, default=0.99, help="m: theta_t <- m theta_t + (1 - m) theta_s")
     m.add_argument("--momentum-schedule", choices=["constant", "cosine"], default="constant",
                    help="constant m (official) or BYOL's cosine increase from m to 1 [inferred variant]")
-    m.add_argument("--step-every", type=int, default=125000, help="StepLR: multiply the lr by --step-gamma every "
-                   "this many steps (official: 125 validation intervals of 1000 steps)")
+    m.add_argument("--step-every", type=int, default=125000, help="StepLR period (official: 125 x 1000 steps)")
     m.add_argument("--step-gamma", type=float, default=0.5, help="StepLR factor (official)")
-    m.add_argument("--aug-probs", default=None, help="probabilities of cut_out, magnitude_warp, time_warp, "
-                   "add_gaussian_noise, channel_permute; default PPG 0.4,0.25,0.15,0.25,0.25 (official), ECG "
-                   "0.8,0.5,0.3,0.5,0 [secondary]")
-    m.add_argument("--ecg-fs", type=int, default=128, help="ECG sampling rate of the synthetic cohort "
-                   "[secondary: 512 Hz downsampled to 128]")
+    m.add_argument("--aug-probs", default=None, help="probabilities of cut_out, magnitude_warp, time_warp, noise, "
+                   "channel_permute; default PPG 0.4,0.25,0.15,0.25,0.25 (official), ECG 0.8,0.5,0.3,0.5,0 [secondary]")
+    m.add_argument("--ecg-fs", type=int, default=128, help="ECG rate of the synthetic cohort [secondary: 512 -> 128]")
     m.add_argument("--probe-features", choices=["encoder", "head"], default="encoder", help="probe the D-dim "
                    "frozen encoder output, or the student's projection-head output (what the follow-up exports)")
-    m.add_argument("--min-segments", type=int, default=1, help="participants with fewer segments are not probed "
-                   "[inferred; the follow-up uses >= 30]")
-    m.add_argument("--ridge-alphas", default="1e-10,1e-4,1e-3,1e-2,0.1,1", help="ridge alphas, chosen by leave-one-"
-                   "out on the train participants (the follow-up's RidgeCV grid) [inferred]")
-    m.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength C of the logistic probes "
-                   "[inferred: sklearn's default]")
+    m.add_argument("--min-segments", type=int, default=1, help="fewer segments: not probed [inferred; follow-up: 30]")
+    m.add_argument("--ridge-alphas", default="1e-10,1e-4,1e-3,1e-2,0.1,1", help="ridge alphas, LOO-chosen (RidgeCV's)")
+    m.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 C of the logistic probes [inferred]")
     args = p.parse_args(argv)
     if args.tiny:  # a flag given on the command line wins over the preset
         given = {a.split("=")[0] for a in argv if a.startswith("--")}
@@ -563,10 +548,13 @@ def momentum_at(step, total, m, schedule):
 
 
 # --- Evaluation ---
-def participant_mean(emb, ids, min_segments=1):
-    """Mean embedding of each participant with >= min_segments segments. emb (N, D), ids (N,) -> (uid (U,), (U, D))."""
+def participant_mean(emb, ids, min_segments=1, rows=None):
+    """Mean embedding of each participant with >= min_segments segments. ids (N,), emb (N, D) or, sharded, the (n, D)
+    segments `rows` of this process (the sums are added over processes) -> (uid (U,), (U, D))."""
     uid, inv, count = torch.unique(ids, return_inverse=True, return_counts=True)
-    total = torch.zeros(len(uid), emb.shape[1], dtype=emb.dtype, device=emb.device).index_add_(0, inv, emb)
+    total = torch.zeros(len(uid), emb.shape[1], dtype=emb.dtype, device=emb.device)
+    total.index_add_(0, inv if rows is None else inv[rows], emb)
+    total = total if rows is None else common.all_reduce_sum(total)
     keep = count >= min_segments
     return uid[keep], (total / count[:, None])[keep]
 
@@ -590,11 +578,11 @@ def ridge_loo_alpha(X, y, alphas):
     Xa = torch.cat([X.double(), torch.ones(len(X), 1, dtype=torch.float64)], 1)
     y = y.double()
 
-    def loo_error(alpha):
+    def loo_error(alpha):  # H_ii = x_i A^-1 x_i^T and H y without the (U, U) matrix H
         pen = torch.full((Xa.shape[1],), float(alpha), dtype=torch.float64)
         pen[-1] = 0
-        H = Xa @ torch.linalg.solve(Xa.T @ Xa + torch.diag(pen), Xa.T)
-        return (((y - H @ y) / (1 - H.diagonal())) ** 2).mean().item()
+        P = torch.linalg.solve(Xa.T @ Xa + torch.diag(pen), Xa.T)  # (D + 1, U)
+        return (((y - Xa @ (P @ y)) / (1 - (Xa * P.T).sum(1))) ** 2).mean().item()
     return min(alphas, key=loo_error)
 
 
@@ -628,16 +616,22 @@ def roc_auc(y, score):
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
+def shard(n):
+    """Rows [rank * ceil(n / world), ...) of n, the last repeated to equal sizes, and how many are this process's."""
+    start = common.get_rank() * (per := math.ceil(n / common.get_world_size()))
+    return [min(i, n - 1) for i in range(start, start + per)], max(0, min(per, n - start))
+
+
 @torch.no_grad()
-def embed(model, signals, device, amp, head=False, batch_size=256):
-    """Frozen embeddings (N, D) of the z-scored, unaugmented segments, in eval mode (the mode is restored)."""
+def embed(model, signals, rows, device, amp, head=False, batch_size=256):
+    """Frozen embeddings (n, D) of the z-scored, unaugmented segments `rows` (only they are read), in eval mode."""
     was = model.training
     model.eval()
     out = []
-    for i in range(0, len(signals), batch_size):
+    for i in range(0, len(rows), batch_size):
         with common.autocast(device, amp):
-            h = model.backbone(torch.from_numpy(zscore(signals[i:i + batch_size])).to(device))
-            out.append((model.head(h) if head else h).float().cpu())
+            h = model.backbone(torch.from_numpy(zscore(signals[list(rows[i:i + batch_size])])).to(device))
+            out.append((model.head(h) if head else h).float())
     model.train(was)
     return torch.cat(out)
 
@@ -647,10 +641,12 @@ def evaluate(model, cohort, args, device, amp):
     the train participants, scored on the test participants (MAE and Pearson r for continuous attributes, ridge
     with LOO alpha; ROC AUC for binary ones, logistic regression), on standardised features. Plus re-identification
     top-1 (another segment of the same test participant is the nearest test segment) and RankMe of the test
-    embeddings. A flat dict."""
-    emb = embed(model, cohort.signals, device, amp, head=args.probe_features == "head")
+    embeddings. A flat dict. Each process embeds its shard of the segments, participant sums and re-identification
+    rows are summed; every process fits the same probes on the same (U, D) means: no rank-0-only branch."""
+    idx, own = shard(len(cohort.signals))
+    emb = embed(model, cohort.signals, idx, device, amp, head=args.probe_features == "head")[:own].double()
     ids = torch.from_numpy(cohort.seg_pid.astype(np.int64))
-    uid, mean = participant_mean(emb.double(), ids, args.min_segments)
+    uid, mean = (x.cpu() for x in participant_mean(emb, ids.to(device), args.min_segments, rows=idx[:own]))
     train = torch.from_numpy(cohort.train[uid.numpy()])
     mu, sd = mean[train].mean(0), mean[train].std(0) + 1e-8
     feats = (mean - mu) / sd
@@ -672,10 +668,14 @@ def evaluate(model, cohort, args, device, amp):
             metrics[f"{name}_r"] = torch.corrcoef(torch.stack([pred, y[te]]))[0, 1].item()
     test = np.flatnonzero(~cohort.seg_train)
     test = np.sort(np.random.default_rng(0).permutation(test)[:4096])  # re-identification among <= 4096 segments
-    z = F.normalize(emb[test].float(), dim=1)
+    mine = torch.from_numpy((test >= idx[0]) & (test < idx[0] + own))  # this process's rows; the others stay 0
+    emb = torch.zeros(len(test), emb.shape[1], dtype=emb.dtype, device=emb.device).index_copy_(
+        0, mine.nonzero()[:, 0].to(emb.device), emb[torch.from_numpy(test)[mine] - idx[0]])
+    emb, test = common.all_reduce_sum(emb).cpu(), torch.from_numpy(test)
+    z = F.normalize(emb.float(), dim=1)
     sim = (z @ z.T).fill_diagonal_(-2.0)
     metrics["reid_top1"] = (ids[test][sim.argmax(1)] == ids[test]).float().mean().item()
-    sv = torch.linalg.svdvals(emb[test].double())
+    sv = torch.linalg.svdvals(emb)
     p = sv / sv.sum() + 1e-12
     metrics["rankme"] = torch.exp(-(p * p.log()).sum()).item()  # effective rank (Garrido et al. 2023)
     return metrics
@@ -735,7 +735,7 @@ def main(argv=None):
             common.restore(state, ckpt_path, optimizer=optimizer, scaler=scaler)
         step, metrics_init = state["step"], state["metrics_init"]
         common.print0(f"loaded {ckpt_path} (step {step})")
-    elif args.tiny and rank == 0:  # the random-initialisation baseline, printed beside the trained numbers
+    elif args.tiny:  # the random-initialisation baseline, printed beside the trained numbers (a collective)
         metrics_init = evaluate(model, cohort, args, device, amp)
 
     loader = torch.utils.data.DataLoader(PairViews(cohort, probs), batch_size=args.batch_size, sampler=sampler,
@@ -789,11 +789,11 @@ def main(argv=None):
         save()  # at every epoch end and when --max-steps stops the run
     bar.close()
 
-    if rank == 0:  # evaluation has no collectives; the other ranks just finish
-        metrics = evaluate(model, cohort, args, device, amp)
-        metrics.update({f"{k}_init": v for k, v in metrics_init.items()})
-        common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
-        common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
+    metrics = evaluate(model, cohort, args, device, amp)  # sharded: every rank takes part
+    metrics.update({f"{k}_init": v for k, v in metrics_init.items()})
+    common.save_json(os.path.join(args.output_dir, "metrics.json"), metrics)
+    common.log_jsonl(args.output_dir, {"eval": metrics, "step": step})
+    if rank == 0:
         print(f"linear probes on frozen {args.probe_features} embeddings, participant means, test participants "
               f"({args.pairs} positives, step {step}):", flush=True)
         for k, v in metrics.items():
