@@ -291,13 +291,21 @@ def colour_augment(x, params):
     adjust_brightness / contrast / saturation / hue in each view's order, rgb_to_grayscale, gaussian_blur (separable,
     reflect padding), on floats. x (B, 3, H, W) in [0, 1], params (B, 11) -> (B, 3, H, W) in [0, 1]."""
     on, hue, grey, sigma = (params[:, i].view(-1, 1, 1, 1) for i in (0, 8, 9, 10))
-    for i in range(4):  # the four ops in each view's drawn order (ColorJitter's permutation)
-        op = params[:, 1 + i].long()
-        f, op = params[:, 5:9].gather(1, op[:, None]).view(-1, 1, 1, 1), op.view(-1, 1, 1, 1)
-        luma = v2.functional.rgb_to_grayscale(x)
+    # ColorJitter's four ops in each view's drawn order. The hue rotation, the costly one, runs once for the batch:
+    # the blends (0 brightness, 1 contrast, 2 saturation) a view draws before its hue fill slots 0-2, those after
+    # it slots 3-5; a slot left empty has factor 1, the identity.
+    order, slot = params[:, 1:5].long(), torch.arange(6, device=x.device)
+    at = (order == 3).long().argmax(1, keepdim=True)  # (B, 1) the hue's place in the order
+    pos = torch.where(slot < 3, slot, slot - 2 + at)  # (B, 6) the place in the order each slot plays
+    used = (on.view(-1, 1) > 0) & torch.where(slot < 3, slot < at, pos <= 3)
+    ops = order.gather(1, pos.clamp(max=3))
+    f = torch.where(used, params[:, 5:9].gather(1, ops), 1.0)
+    for j in range(6):
+        if j == 3:
+            x = torch.where(on > 0, _hue_shift(x, hue), x)
+        luma, op, fj = v2.functional.rgb_to_grayscale(x), ops[:, j].view(-1, 1, 1, 1), f[:, j].view(-1, 1, 1, 1)
         ref = (op == 2) * luma + (op == 1) * luma.mean((2, 3), keepdim=True)  # black, mean grey or per-pixel grey
-        y = torch.where(op == 3, _hue_shift(x, hue), torch.lerp(ref, x, f).clamp(0, 1))  # blend: f x + (1 - f) ref
-        x = torch.where(on > 0, y, x)
+        x = torch.lerp(ref, x, fj).clamp_(0, 1)  # torchvision's blend fj x + (1 - fj) ref; exactly x at fj = 1
     x = torch.where(grey > 0, v2.functional.rgb_to_grayscale(x).expand_as(x), x)
     r = x.shape[-1] // 20  # SimCLR's kernel, 10% of the side: 2 r + 1 taps (23 at 224 px: 5.5 sigma at sigma 2)
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device) / sigma.view(-1, 1).clamp_min(1e-3)) ** 2)
